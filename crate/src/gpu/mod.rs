@@ -1,0 +1,346 @@
+//! The GPU runtime: device and limits, pipeline cache, buffer pool, command recording and
+//! asynchronous readback.
+//!
+//! Ops record compute passes into one pending command encoder; it is submitted when a result
+//! is read, when `flush` is called, or every few hundred passes.
+
+mod device;
+mod pipeline;
+pub mod pool;
+pub mod readback;
+
+pub use device::{AdapterSummary, Caps, GpuOptions};
+pub use pipeline::PipelineKey;
+pub use pool::{GpuBuffer, PoolStats};
+
+use crate::error::{Error, Result};
+use crate::shader::Defines;
+use std::sync::{Arc, Mutex};
+use wgpu::util::DeviceExt;
+
+/// Passes recorded before the encoder is submitted on its own.
+const PASSES_PER_SUBMIT: u32 = 128;
+
+struct Pending {
+    encoder: Option<wgpu::CommandEncoder>,
+    passes: u32,
+}
+
+/// One bound storage buffer of a dispatch: (binding index, buffer).
+pub type Bind<'a> = (u32, &'a GpuBuffer);
+
+/// The engine's handle on one GPU device.
+pub struct Gpu {
+    pub device: wgpu::Device,
+    pub queue: wgpu::Queue,
+    info: wgpu::AdapterInfo,
+    caps: Caps,
+    adapter_features: wgpu::Features,
+    pipelines: pipeline::PipelineCache,
+    pool: Arc<pool::Pool>,
+    pending: Mutex<Pending>,
+    errors: Arc<Mutex<Vec<String>>>,
+    lost: Arc<Mutex<Option<String>>>,
+    #[cfg(target_arch = "wasm32")]
+    scopes: std::cell::RefCell<Vec<pipeline::PendingScope>>,
+}
+
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+impl Gpu {
+    /// Opens the best adapter with its real limits and the optional features it has.
+    pub async fn new(opts: GpuOptions) -> Result<Self> {
+        let o = device::open(&opts).await?;
+        let errors: Arc<Mutex<Vec<String>>> = Arc::default();
+        let lost: Arc<Mutex<Option<String>>> = Arc::default();
+        {
+            let errors = Arc::clone(&errors);
+            o.device.on_uncaptured_error(Arc::new(move |e: wgpu::Error| {
+                lock(&errors).push(e.to_string());
+            }));
+        }
+        {
+            let lost = Arc::clone(&lost);
+            o.device.set_device_lost_callback(move |reason, msg| {
+                *lock(&lost) = Some(format!("{reason:?}: {msg}"));
+            });
+        }
+        // Keep at most a quarter of the largest buffer (min 256 MiB) of freed buffers for reuse.
+        let keep = (o.caps.max_buffer_size / 4).max(256 << 20);
+        Ok(Self {
+            pool: pool::Pool::new(o.device.clone(), keep),
+            device: o.device,
+            queue: o.queue,
+            info: o.info,
+            caps: o.caps,
+            adapter_features: o.adapter_features,
+            pipelines: Default::default(),
+            pending: Mutex::new(Pending { encoder: None, passes: 0 }),
+            errors,
+            lost,
+            #[cfg(target_arch = "wasm32")]
+            scopes: Default::default(),
+        })
+    }
+
+    pub fn caps(&self) -> &Caps {
+        &self.caps
+    }
+
+    pub fn adapter(&self) -> AdapterSummary {
+        AdapterSummary::from_info(&self.info)
+    }
+
+    /// Feature names the adapter offers (whether or not they were enabled).
+    pub fn adapter_features(&self) -> Vec<String> {
+        self.adapter_features.iter_names().map(|(n, _)| n.to_string()).collect()
+    }
+
+    pub fn memory(&self) -> PoolStats {
+        self.pool.stats()
+    }
+
+    /// Number of compiled pipelines.
+    pub fn pipeline_count(&self) -> usize {
+        self.pipelines.len()
+    }
+
+    /// Frees buffers kept for reuse.
+    pub fn trim(&self) {
+        self.pool.trim();
+    }
+
+    /// `Err(DeviceLost)` once the device is gone.
+    pub fn check_lost(&self) -> Result<()> {
+        match lock(&self.lost).as_ref() {
+            Some(m) => Err(Error::DeviceLost(m.clone())),
+            None => Ok(()),
+        }
+    }
+
+    /// Takes the errors the device reported outside error scopes since the last call.
+    pub fn take_errors(&self) -> Result<()> {
+        let errs: Vec<String> = std::mem::take(&mut *lock(&self.errors));
+        if errs.is_empty() {
+            Ok(())
+        } else {
+            Err(Error::Gpu(errs.join("; ")))
+        }
+    }
+
+    /// Destroys the device (used to test device-loss handling).
+    pub fn destroy(&self) {
+        self.device.destroy();
+    }
+
+    /// A storage buffer of `bytes` bytes from the pool, refusing sizes the device cannot bind.
+    pub fn alloc(&self, bytes: u64, what: &str) -> Result<GpuBuffer> {
+        self.check_lost()?;
+        let limit = self.caps.max_storage_buffer_binding_size.min(self.caps.max_buffer_size);
+        if bytes > limit {
+            return Err(Error::TooLarge { what: what.to_string(), bytes, limit });
+        }
+        Ok(self.pool.alloc(bytes))
+    }
+
+    /// Uploads bytes into a new pooled buffer.
+    pub fn upload(&self, data: &[u8], what: &str) -> Result<GpuBuffer> {
+        let padded = data.len().next_multiple_of(4);
+        let buf = self.alloc(padded as u64, what)?;
+        // Commands recorded so far may still read this recycled buffer: submit them first, so
+        // the write lands after them in queue order.
+        self.flush();
+        if data.len() == padded {
+            self.queue.write_buffer(buf.raw(), 0, data);
+        } else {
+            let mut v = data.to_vec();
+            v.resize(padded, 0);
+            self.queue.write_buffer(buf.raw(), 0, &v);
+        }
+        Ok(buf)
+    }
+
+    /// Records a compute dispatch. `params` go to a uniform at binding 0 (when non-empty);
+    /// `binds` are storage buffers at the given binding indices.
+    pub fn dispatch(
+        &self,
+        shader: &'static str,
+        entry: &'static str,
+        defines: &Defines,
+        params: &[u32],
+        binds: &[Bind<'_>],
+        workgroups: [u32; 3],
+    ) -> Result<()> {
+        self.check_lost()?;
+        if workgroups.contains(&0) {
+            return Ok(());
+        }
+        let maxd = self.caps.max_workgroups_per_dimension;
+        if workgroups.iter().any(|&w| w > maxd) {
+            return Err(Error::TooLarge {
+                what: format!("dispatch of {workgroups:?} workgroups ({shader})"),
+                bytes: *workgroups.iter().max().unwrap_or(&0) as u64,
+                limit: maxd as u64,
+            });
+        }
+        let key = PipelineKey { shader, entry, defines: defines.clone() };
+        let p = self.pipelines.get(
+            &self.device,
+            &key,
+            #[cfg(target_arch = "wasm32")]
+            &self.scopes,
+        )?;
+        let uniform = (!params.is_empty()).then(|| {
+            let mut words = params.to_vec();
+            words.resize(params.len().next_multiple_of(4), 0);
+            self.device.create_buffer_init(&wgpu::util::BufferInitDescriptor {
+                label: None,
+                contents: bytemuck::cast_slice(&words),
+                usage: wgpu::BufferUsages::UNIFORM,
+            })
+        });
+        let mut entries: Vec<wgpu::BindGroupEntry<'_>> = Vec::with_capacity(binds.len() + 1);
+        if let Some(u) = &uniform {
+            entries.push(wgpu::BindGroupEntry { binding: 0, resource: u.as_entire_binding() });
+        }
+        for (binding, buf) in binds {
+            entries.push(wgpu::BindGroupEntry { binding: *binding, resource: buf.binding() });
+        }
+        let bind_group = self.device.create_bind_group(&wgpu::BindGroupDescriptor {
+            label: Some(shader),
+            layout: &p.layout,
+            entries: &entries,
+        });
+        let mut pending = lock(&self.pending);
+        let encoder = pending.encoder.get_or_insert_with(|| {
+            self.device.create_command_encoder(&wgpu::CommandEncoderDescriptor { label: None })
+        });
+        {
+            let mut pass = encoder.begin_compute_pass(&wgpu::ComputePassDescriptor {
+                label: Some(shader),
+                timestamp_writes: None,
+            });
+            pass.set_pipeline(&p.pipeline);
+            pass.set_bind_group(0, &bind_group, &[]);
+            pass.dispatch_workgroups(workgroups[0], workgroups[1], workgroups[2]);
+        }
+        pending.passes += 1;
+        if pending.passes >= PASSES_PER_SUBMIT {
+            self.submit_locked(&mut pending);
+        }
+        Ok(())
+    }
+
+    /// Splits `groups` workgroups over x and y so neither exceeds the per-dimension limit.
+    /// Shaders recover the linear index as `wg.x + wg.y * num_workgroups.x`.
+    pub fn grid(&self, groups: u32) -> [u32; 3] {
+        let maxd = self.caps.max_workgroups_per_dimension.max(1);
+        if groups <= maxd {
+            [groups, 1, 1]
+        } else {
+            let y = groups.div_ceil(maxd);
+            [groups.div_ceil(y), y, 1]
+        }
+    }
+
+    /// Records a buffer-to-buffer copy.
+    pub fn copy(&self, src: &GpuBuffer, src_offset: u64, dst: &GpuBuffer, dst_offset: u64, bytes: u64) {
+        self.copy_raw(src.raw(), src_offset, dst.raw(), dst_offset, bytes);
+    }
+
+    fn copy_raw(&self, src: &wgpu::Buffer, src_offset: u64, dst: &wgpu::Buffer, dst_offset: u64, bytes: u64) {
+        let mut pending = lock(&self.pending);
+        let encoder = pending.encoder.get_or_insert_with(|| {
+            self.device.create_command_encoder(&wgpu::CommandEncoderDescriptor { label: None })
+        });
+        encoder.copy_buffer_to_buffer(src, src_offset, dst, dst_offset, bytes);
+    }
+
+    /// Records zero-filling of a buffer's requested range.
+    pub fn zero(&self, buf: &GpuBuffer) {
+        let mut pending = lock(&self.pending);
+        let encoder = pending.encoder.get_or_insert_with(|| {
+            self.device.create_command_encoder(&wgpu::CommandEncoderDescriptor { label: None })
+        });
+        encoder.clear_buffer(buf.raw(), 0, Some(buf.size().next_multiple_of(4)));
+    }
+
+    fn submit_locked(&self, pending: &mut Pending) {
+        if let Some(enc) = pending.encoder.take() {
+            self.queue.submit(Some(enc.finish()));
+        }
+        pending.passes = 0;
+    }
+
+    /// Submits everything recorded so far.
+    pub fn flush(&self) {
+        let mut pending = lock(&self.pending);
+        self.submit_locked(&mut pending);
+    }
+
+    /// Surfaces shader build errors the browser reports asynchronously, then errors the device
+    /// reported outside scopes, then device loss.
+    async fn settle_errors(&self) -> Result<()> {
+        #[cfg(target_arch = "wasm32")]
+        {
+            let scopes: Vec<_> = self.scopes.borrow_mut().drain(..).collect();
+            for (label, fut) in scopes {
+                if let Some(e) = fut.await {
+                    return Err(Error::Shader {
+                        shader: label,
+                        entry: String::new(),
+                        defines: String::new(),
+                        message: e.to_string(),
+                    });
+                }
+            }
+        }
+        self.check_lost()?;
+        self.take_errors()
+    }
+
+    /// Submits pending work and waits until the GPU has finished it.
+    pub async fn sync(&self) -> Result<()> {
+        self.flush();
+        let (tx, rx) = readback::oneshot::<()>();
+        self.queue.on_submitted_work_done(move || tx.send(()));
+        #[cfg(not(target_arch = "wasm32"))]
+        self.device
+            .poll(wgpu::PollType::wait_indefinitely())
+            .map_err(|e| Error::Gpu(e.to_string()))?;
+        rx.await;
+        self.settle_errors().await
+    }
+
+    /// Copies `bytes` bytes of `buf` (from offset 0) to the host.
+    pub async fn read(&self, buf: &GpuBuffer, bytes: u64) -> Result<Vec<u8>> {
+        self.check_lost()?;
+        let size = bytes.next_multiple_of(4).max(4);
+        let staging = self.device.create_buffer(&wgpu::BufferDescriptor {
+            label: Some("readback"),
+            size,
+            usage: wgpu::BufferUsages::MAP_READ | wgpu::BufferUsages::COPY_DST,
+            mapped_at_creation: false,
+        });
+        self.copy_raw(buf.raw(), 0, &staging, 0, size);
+        self.flush();
+        let (tx, rx) = readback::oneshot();
+        staging.map_async(wgpu::MapMode::Read, .., move |r| tx.send(r));
+        #[cfg(not(target_arch = "wasm32"))]
+        self.device
+            .poll(wgpu::PollType::wait_indefinitely())
+            .map_err(|e| Error::Readback(e.to_string()))?;
+        let mapped = rx.await;
+        self.settle_errors().await?;
+        mapped.map_err(|e| Error::Readback(e.to_string()))?;
+        let data = {
+            let view = staging.get_mapped_range(..).map_err(|e| Error::Readback(e.to_string()))?;
+            view[..bytes as usize].to_vec()
+        };
+        staging.unmap();
+        staging.destroy();
+        Ok(data)
+    }
+}

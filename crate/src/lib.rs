@@ -1,0 +1,16 @@
+//! loralab: a Stable-Diffusion-class engine on WebGPU with LoRA adapters applied inside the
+//! kernels. Runs natively (Vulkan / Metal / DX12 / GL through wgpu) and in the browser
+//! (wasm32 + WebGPU); this crate has no browser dependencies.
+
+pub mod error;
+pub mod gpu;
+pub mod ops;
+pub mod quant;
+pub mod rng;
+pub mod shader;
+pub mod tensor;
+
+pub use error::{Error, Result};
+pub use gpu::{Gpu, GpuOptions};
+pub use quant::DType;
+pub use tensor::Tensor;

@@ -1,0 +1,83 @@
+//! Shared test set-up: one device with every feature the adapter has, one with `shader-f16`
+//! and subgroups turned off (the SwiftShader-like path), and comparison helpers.
+
+#![allow(dead_code)]
+
+use loralab::quant::nmse;
+use loralab::rng::Rng;
+use loralab::{Gpu, GpuOptions};
+use std::sync::OnceLock;
+
+fn open(opts: GpuOptions) -> Gpu {
+    if std::env::var_os("XDG_RUNTIME_DIR").is_none() {
+        // Mesa warns without it; give it a private directory.
+        let dir = std::env::temp_dir().join("loralab-xdg");
+        let _ = std::fs::create_dir_all(&dir);
+        #[cfg(unix)]
+        {
+            use std::os::unix::fs::PermissionsExt;
+            let _ = std::fs::set_permissions(&dir, std::fs::Permissions::from_mode(0o700));
+        }
+        // SAFETY: set once, before any thread reads the environment (inside OnceLock init).
+        unsafe { std::env::set_var("XDG_RUNTIME_DIR", &dir) };
+    }
+    pollster::block_on(Gpu::new(opts))
+        .unwrap_or_else(|e| panic!("GPU tests need an adapter (install mesa-vulkan-drivers): {e}"))
+}
+
+/// The device with all optional features the adapter offers.
+pub fn gpu() -> &'static Gpu {
+    static G: OnceLock<Gpu> = OnceLock::new();
+    G.get_or_init(|| open(GpuOptions::default()))
+}
+
+/// A device without `shader-f16` and subgroups.
+pub fn gpu_plain() -> &'static Gpu {
+    static G: OnceLock<Gpu> = OnceLock::new();
+    G.get_or_init(|| open(GpuOptions { disable_f16: true, disable_subgroups: true, ..Default::default() }))
+}
+
+/// Both devices, for tests that must pass on each kernel variant.
+pub fn gpus() -> [&'static Gpu; 2] {
+    [gpu(), gpu_plain()]
+}
+
+pub fn block<F: std::future::Future>(f: F) -> F::Output {
+    pollster::block_on(f)
+}
+
+pub fn randn(n: usize, seed: u64) -> Vec<f32> {
+    Rng::new(seed).normal_vec(n)
+}
+
+pub fn randu(n: usize, lo: f32, hi: f32, seed: u64) -> Vec<f32> {
+    Rng::new(seed).uniform_vec(n, lo, hi)
+}
+
+/// Named error bounds (normalised mean squared error), as ggml's test-backend-ops.
+pub const STRICT: f64 = 1e-10;
+pub const F32_BOUND: f64 = 1e-7;
+pub const TRANSCENDENTAL: f64 = 1e-6;
+
+/// Asserts `nmse(got, want) <= bound`, printing the first differing elements otherwise.
+pub fn assert_nmse(what: &str, got: &[f32], want: &[f32], bound: f64) {
+    assert_eq!(got.len(), want.len(), "{what}: length");
+    assert!(got.iter().all(|v| v.is_finite()), "{what}: non-finite output");
+    let e = nmse(got, want);
+    if !(e <= bound) {
+        let diffs: Vec<String> = got
+            .iter()
+            .zip(want)
+            .enumerate()
+            .filter(|(_, (g, w))| (**g - **w).abs() > 1e-4 * (1.0 + w.abs()))
+            .take(8)
+            .map(|(i, (g, w))| format!("[{i}] got {g} want {w}"))
+            .collect();
+        panic!("{what}: nmse {e:e} > {bound:e}; {}", diffs.join(", "));
+    }
+}
+
+/// Uploads, runs `f` and reads back.
+pub fn read(gpu: &Gpu, t: &loralab::Tensor) -> Vec<f32> {
+    block(t.to_f32(gpu)).expect("readback")
+}

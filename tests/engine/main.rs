@@ -1,0 +1,8 @@
+//! Engine tests: every kernel against its CPU reference on the machine's adapter (lavapipe in
+//! CI), with and without the optional features, plus naga validation of every shader variant.
+//! A missing adapter fails these tests; it never skips them.
+
+mod common;
+mod elementwise;
+mod runtime;
+mod shaders;
