@@ -29,28 +29,58 @@ pub struct ShaderSource {
     pub top_level: bool,
 }
 
+/// `include_str!` of a file under `shaders/`.
+#[macro_export]
 macro_rules! wgsl {
     ($name:literal) => {
         include_str!(concat!(env!("CARGO_MANIFEST_DIR"), "/../shaders/", $name))
     };
 }
 
-/// Every WGSL file of the engine.
-pub static SHADERS: &[ShaderSource] = &[
-    ShaderSource {
-        name: "elementwise.wgsl",
-        source: wgsl!("elementwise.wgsl"),
-        flag_axes: &[],
-        values: &[],
-        entries: &["unary", "binary"],
-        top_level: true,
-    },
+/// Shared WGSL pieces that kernels `#include`.
+pub static COMMON: &[ShaderSource] = &[ShaderSource {
+    name: "common/weights.wgsl",
+    source: wgsl!("common/weights.wgsl"),
+    flag_axes: &[],
+    values: &[],
+    entries: &[],
+    top_level: false,
+}];
+
+/// The weight storage axis of kernels that read weights through `common/weights.wgsl`.
+pub const WEIGHT_AXIS: &[&str] = &["W_F32", "W_F16", "W_Q8_0+W_QUANT", "W_Q4_0+W_QUANT"];
+
+/// The defines selecting weight storage `dtype` in `common/weights.wgsl`.
+pub fn weight_defines(defines: Defines, dtype: crate::quant::DType) -> Defines {
+    use crate::quant::DType;
+    match dtype {
+        DType::F32 => defines.flag("W_F32"),
+        DType::F16 => defines.flag("W_F16"),
+        DType::Q8_0 => defines.flag("W_Q8_0").flag("W_QUANT"),
+        DType::Q4_0 => defines.flag("W_Q4_0").flag("W_QUANT"),
+    }
+}
+
+/// Every shader family; each op module registers its own sources.
+static FAMILIES: &[&[ShaderSource]] = &[
+    COMMON,
+    crate::ops::elementwise::SHADERS,
+    crate::ops::matmul::SHADERS,
+    crate::ops::conv::SHADERS,
+    crate::ops::quantize::SHADERS,
+    crate::ops::norm::SHADERS,
+    crate::ops::layout::SHADERS,
+    crate::ops::attention::SHADERS,
 ];
+
+/// Every registered WGSL source.
+pub fn all() -> impl Iterator<Item = &'static ShaderSource> {
+    FAMILIES.iter().flat_map(|f| f.iter())
+}
 
 /// Looks a registered source up by name.
 pub fn find(name: &str) -> Result<&'static ShaderSource> {
-    SHADERS
-        .iter()
+    all()
         .find(|s| s.name == name)
         .ok_or_else(|| Error::UnknownShader(format!("no shader named `{name}` is registered")))
 }

@@ -3,10 +3,19 @@
 use super::{groups, Params};
 use crate::error::{shape_err, Result};
 use crate::gpu::Gpu;
-use crate::shader::Defines;
+use crate::shader::{Defines, ShaderSource};
 use crate::tensor::Tensor;
 
 const SHADER: &str = "elementwise.wgsl";
+
+pub static SHADERS: &[ShaderSource] = &[ShaderSource {
+    name: SHADER,
+    source: crate::wgsl!("elementwise.wgsl"),
+    flag_axes: &[],
+    values: &[],
+    entries: &["unary", "binary"],
+    top_level: true,
+}];
 
 #[derive(Clone, Copy, Debug, PartialEq)]
 pub enum Unary {

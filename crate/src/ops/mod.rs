@@ -1,7 +1,13 @@
 //! Kernels. Each op family is one WGSL file in `shaders/`, one Rust module here with the
 //! GPU constructor and its CPU reference (`reference`), and tests in `tests/engine/`.
 
+pub mod attention;
+pub mod conv;
 pub mod elementwise;
+pub mod layout;
+pub mod matmul;
+pub mod norm;
+pub mod quantize;
 
 /// Builds the uniform words of a dispatch.
 #[derive(Default, Clone)]
