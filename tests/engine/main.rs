@@ -3,6 +3,7 @@
 //! A missing adapter fails these tests; it never skips them.
 
 mod common;
+mod conv;
 mod elementwise;
 mod runtime;
 mod shaders;
