@@ -7,7 +7,8 @@ use loralab::shader::{all, all_variants, preprocess, Target};
 /// accidentally uses f16 or subgroup operations fails here.
 fn validate(name: &str, code: &str, defines: &loralab::shader::Defines) -> Result<(), String> {
     use naga::valid::Capabilities;
-    let mut caps = Capabilities::empty();
+    // unpack2x16float and friends are core WGSL (wgpu's SHADER_F16_IN_F32 downlevel flag).
+    let mut caps = Capabilities::SHADER_FLOAT16_IN_FLOAT32;
     if defines.has("F16") {
         caps |= Capabilities::SHADER_FLOAT16;
     }
