@@ -7,6 +7,7 @@ pub mod gpu;
 pub mod ops;
 pub mod quant;
 pub mod rng;
+pub mod selftest;
 pub mod shader;
 pub mod tensor;
 

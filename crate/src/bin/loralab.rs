@@ -1,1 +1,257 @@
-fn main(){}
+//! The `loralab` command line: adapter information and the kernel self-test on this machine's
+//! GPU (Vulkan / Metal / DX12 / GL through wgpu).
+
+use loralab::selftest::{self, DeviceInfo, SelfTestReport};
+use loralab::{Gpu, GpuOptions};
+use std::process::ExitCode;
+
+const USAGE: &str = "\
+loralab: Stable-Diffusion-class engine on WebGPU
+
+Usage:
+  loralab info [--json] [--plain]       adapter, backend, driver, limits, features, engine state
+  loralab selftest [--json] [--plain]   every kernel against its CPU reference (exit 1 on failure)
+  loralab help                          this text
+
+Options:
+  --json    machine-readable output on stdout
+  --plain   do not use shader-f16 or subgroups even where the adapter has them
+            (the path a browser without those features takes)
+
+Environment:
+  WGPU_BACKEND=vulkan|gl|metal|dx12   choose the native backend
+  WGPU_ADAPTER_NAME=<substring>       choose an adapter by name
+";
+
+/// Options shared by the subcommands.
+#[derive(Default)]
+struct Flags {
+    json: bool,
+    plain: bool,
+}
+
+fn parse_flags(cmd: &str, args: &[String]) -> Result<Flags, String> {
+    let mut f = Flags::default();
+    for a in args {
+        match a.as_str() {
+            "--json" => f.json = true,
+            "--plain" => f.plain = true,
+            other => return Err(format!("`loralab {cmd}`: unknown option `{other}`")),
+        }
+    }
+    Ok(f)
+}
+
+fn open(flags: &Flags) -> Result<Gpu, String> {
+    let opts = GpuOptions {
+        disable_f16: flags.plain,
+        disable_subgroups: flags.plain,
+        ..Default::default()
+    };
+    pollster::block_on(Gpu::new(opts)).map_err(|e| e.to_string())
+}
+
+/// Appends a line to a String (formatting into a String cannot fail).
+macro_rules! w {
+    ($o:expr) => { $o.push('\n') };
+    ($o:expr, $($t:tt)*) => {{
+        use std::fmt::Write as _;
+        let _ = writeln!($o, $($t)*);
+    }};
+}
+
+/// Writes to stdout; a closed pipe (`loralab info | head`) is not an error.
+fn out(text: &str) {
+    use std::io::Write as _;
+    let _ = std::io::stdout().lock().write_all(text.as_bytes());
+}
+
+fn json<T: serde::Serialize>(v: &T) -> Result<String, String> {
+    serde_json::to_string_pretty(v).map_err(|e| format!("serialising the report failed: {e}"))
+}
+
+fn mib(bytes: u64) -> String {
+    if bytes >= 1 << 30 && bytes % (1 << 30) == 0 {
+        format!("{} GiB", bytes >> 30)
+    } else if bytes >= 1 << 20 {
+        format!("{:.1} MiB", bytes as f64 / (1 << 20) as f64)
+    } else {
+        format!("{:.1} KiB", bytes as f64 / 1024.0)
+    }
+}
+
+fn yes_no(b: bool) -> &'static str {
+    if b {
+        "yes"
+    } else {
+        "no"
+    }
+}
+
+fn format_info(d: &DeviceInfo) -> String {
+    let mut o = String::new();
+    let a = &d.adapter;
+    let c = &d.caps;
+    w!(o, "adapter      {}", a.name);
+    w!(o, "backend      {}", a.backend);
+    w!(o, "device type  {}", a.device_type);
+    w!(o, "vendor/dev   {:#06x} / {:#06x}", a.vendor, a.device);
+    let driver = [a.driver.as_str(), a.driver_info.as_str()]
+        .iter()
+        .filter(|s| !s.is_empty())
+        .copied()
+        .collect::<Vec<_>>()
+        .join(" ");
+    w!(o, "driver       {}", if driver.is_empty() { "(not reported)" } else { &driver });
+    w!(o);
+    w!(o, "features used by the kernels");
+    w!(o, "  shader-f16        {}", yes_no(c.shader_f16));
+    let sg = if c.subgroups {
+        format!("yes (size {}..{})", c.subgroup_min_size, c.subgroup_max_size)
+    } else {
+        "no".to_string()
+    };
+    w!(o, "  subgroups         {sg}");
+    w!(o, "  timestamp-query   {}", yes_no(c.timestamp_query));
+    w!(o);
+    w!(o, "limits");
+    w!(o, "  max buffer size                   {}", mib(c.max_buffer_size));
+    w!(o, "  max storage buffer binding        {}", mib(c.max_storage_buffer_binding_size));
+    w!(o, "  storage buffers per stage         {}", c.max_storage_buffers_per_stage);
+    w!(o, "  workgroup storage                 {}", mib(c.max_workgroup_storage as u64));
+    w!(o, "  invocations per workgroup         {}", c.max_invocations_per_workgroup);
+    w!(o, "  workgroup size x                  {}", c.max_workgroup_size_x);
+    w!(o, "  workgroups per dimension          {}", c.max_workgroups_per_dimension);
+    w!(o, "  storage offset alignment          {}", c.min_storage_offset_alignment);
+    w!(o);
+    w!(o, "adapter features  {}", d.adapter_features.join(", "));
+    w!(o);
+    w!(o, "engine");
+    w!(o, "  pipelines compiled    {}", d.pipelines);
+    w!(o, 
+        "  buffer pool           {} live, {} peak, {} kept for reuse",
+        mib(d.memory.live_bytes),
+        mib(d.memory.peak_live_bytes),
+        mib(d.memory.free_bytes)
+    );
+    o
+}
+
+fn format_selftest(r: &SelfTestReport) -> String {
+    let mut o = String::new();
+    w!(o, "self-test on {} ({}, {})", r.adapter.name, r.adapter.backend, r.adapter.device_type);
+    w!(o, 
+        "f16 {}, subgroups {}; families: {}",
+        yes_no(r.caps.shader_f16),
+        yes_no(r.caps.subgroups),
+        r.families.join(", ")
+    );
+    w!(o);
+    w!(o, "{:<4} {:<20} {:<42} {:>10} {:>8} {:>8}", "", "op", "case", "nmse", "bound", "ms");
+    for c in &r.cases {
+        w!(o, 
+            "{:<4} {:<20} {:<42} {:>10.2e} {:>8.0e} {:>8.1}",
+            if c.passed { "ok" } else { "FAIL" },
+            c.op,
+            c.case,
+            c.nmse,
+            c.bound,
+            c.ms
+        );
+        if let Some(e) = &c.error {
+            w!(o, "       {e}");
+        }
+    }
+    w!(o);
+    w!(o, 
+        "{} of {} cases passed in {:.0} ms",
+        r.cases.len() - r.failed,
+        r.cases.len(),
+        r.total_ms
+    );
+    o
+}
+
+fn info(args: &[String]) -> Result<ExitCode, String> {
+    let flags = parse_flags("info", args)?;
+    let gpu = open(&flags)?;
+    let d = selftest::describe(&gpu);
+    if flags.json {
+        out(&(json(&d)? + "\n"));
+    } else {
+        out(&format_info(&d));
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+fn run_selftest(args: &[String]) -> Result<ExitCode, String> {
+    let flags = parse_flags("selftest", args)?;
+    let gpu = open(&flags)?;
+    let r = pollster::block_on(selftest::run(&gpu));
+    if flags.json {
+        out(&(json(&r)? + "\n"));
+    } else {
+        out(&format_selftest(&r));
+    }
+    Ok(if r.passed { ExitCode::SUCCESS } else { ExitCode::from(1) })
+}
+
+// ---- benchmarks ---------------------------------------------------------------------------
+// `loralab bench` (kernel timings through `loralab::bench::run_kernels(&gpu, &opts)`) is wired
+// here once `crate/src/bench.rs` exists: parse its options, open the GPU, call it, print.
+// -------------------------------------------------------------------------------------------
+
+/// Mesa's software Vulkan driver warns on every run without a valid `XDG_RUNTIME_DIR`: give it
+/// a private directory when none is set.
+fn quiet_mesa() {
+    if std::env::var_os("XDG_RUNTIME_DIR").is_some() {
+        return;
+    }
+    let dir = std::env::temp_dir().join("loralab-xdg");
+    if std::fs::create_dir_all(&dir).is_err() {
+        return;
+    }
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::PermissionsExt;
+        let _ = std::fs::set_permissions(&dir, std::fs::Permissions::from_mode(0o700));
+    }
+    // SAFETY: called first thing in `main`, before any other thread exists.
+    unsafe { std::env::set_var("XDG_RUNTIME_DIR", &dir) };
+}
+
+fn main() -> ExitCode {
+    quiet_mesa();
+    let args: Vec<String> = std::env::args().skip(1).collect();
+    let (cmd, rest) = match args.split_first() {
+        Some((c, r)) => (c.as_str(), r),
+        None => {
+            out(USAGE);
+            return ExitCode::from(2);
+        }
+    };
+    let result = match cmd {
+        "info" => info(rest),
+        "selftest" | "self-test" => run_selftest(rest),
+        "help" | "--help" | "-h" => {
+            out(USAGE);
+            Ok(ExitCode::SUCCESS)
+        }
+        other => {
+            eprintln!("loralab: unknown command `{other}`; run `loralab help` for the list");
+            return ExitCode::from(2);
+        }
+    };
+    match result {
+        Ok(code) => code,
+        Err(msg) => {
+            eprintln!("loralab: {msg}");
+            // Bad options are usage errors (2); a missing GPU or failed run is 1.
+            if msg.contains("unknown option") {
+                ExitCode::from(2)
+            } else {
+                ExitCode::from(1)
+            }
+        }
+    }
+}

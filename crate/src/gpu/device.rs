@@ -15,7 +15,7 @@ pub struct GpuOptions {
 }
 
 /// What the device can do, as the kernels need to know it.
-#[derive(Clone, Debug, PartialEq)]
+#[derive(Clone, Debug, PartialEq, serde::Serialize)]
 pub struct Caps {
     pub shader_f16: bool,
     pub subgroups: bool,
