@@ -89,3 +89,15 @@ fn binary(@builtin(workgroup_id) wg: vec3<u32>, @builtin(num_workgroups) nwg: ve
     }
     y[i] = r;
 }
+
+// geglu: y[r, j] = a[r, j] · gelu_erf(a[r, D + j]) for a: (rows, 2D), y: (rows, D); D = p.inner,
+// p.n = rows · D (diffusers' GEGLU: `hidden, gate = x.chunk(2, -1); hidden * gelu(gate)`).
+@compute @workgroup_size(WG)
+fn geglu(@builtin(workgroup_id) wg: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>,
+         @builtin(local_invocation_index) lid: u32) {
+    let i = index(wg, nwg, lid);
+    if (i >= p.n) { return; }
+    let d = p.inner;
+    let src = (i / d) * 2u * d + i % d;
+    y[i] = a[src] * gelu_erf(a[src + d]);
+}

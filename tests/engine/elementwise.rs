@@ -84,3 +84,26 @@ fn broadcast_rules() {
     let e = ew::add(gpu, &a, &b).unwrap_err().to_string();
     assert!(e.contains("[4]") && e.contains("[4, 7]"), "{e}");
 }
+
+#[test]
+fn geglu_matches_reference() {
+    for gpu in gpus() {
+        for (ci, s) in [vec![1usize, 2], vec![3, 6], vec![5, 2 * 257], vec![2, 77, 2 * 1280]].into_iter().enumerate() {
+            let n: usize = s.iter().product();
+            let d = s[s.len() - 1] / 2;
+            let x = randn(n, 40 + ci as u64);
+            let t = Tensor::from_f32(gpu, &s, &x).unwrap();
+            let y = ew::geglu(gpu, &t).unwrap();
+            assert_eq!(y.shape().last(), Some(&d));
+            assert_eq!(y.numel(), n / 2);
+            assert_nmse(&format!("geglu {s:?}"), &read(gpu, &y), &reference::geglu(&x, d), TRANSCENDENTAL);
+        }
+    }
+    // hidden [1, 2], gate [-1, 0.5]: [1 · gelu(-1), 2 · gelu(0.5)] = [-0.1586553, 0.6914624]
+    let gpu = gpu();
+    let x = Tensor::from_f32(gpu, &[1, 4], &[1.0, 2.0, -1.0, 0.5]).unwrap();
+    let y = read(gpu, &ew::geglu(gpu, &x).unwrap());
+    assert!((y[0] + 0.1586553).abs() < 2e-6 && (y[1] - 0.6914624).abs() < 2e-6, "{y:?}");
+    let e = ew::geglu(gpu, &Tensor::zeros(gpu, &[2, 3]).unwrap()).unwrap_err();
+    assert!(e.to_string().contains("geglu") && e.to_string().contains("[2, 3]"), "{e}");
+}

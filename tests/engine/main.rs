@@ -6,5 +6,7 @@ mod attention;
 mod common;
 mod conv;
 mod elementwise;
+mod layout;
+mod norm;
 mod runtime;
 mod shaders;

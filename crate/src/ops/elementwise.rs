@@ -13,7 +13,7 @@ pub static SHADERS: &[ShaderSource] = &[ShaderSource {
     source: crate::wgsl!("elementwise.wgsl"),
     flag_axes: &[],
     values: &[],
-    entries: &["unary", "binary"],
+    entries: &["unary", "binary", "geglu"],
     top_level: true,
 }];
 
@@ -147,6 +147,30 @@ pub fn silu(gpu: &Gpu, x: &Tensor) -> Result<Tensor> {
     unary(gpu, x, Unary::Silu)
 }
 
+/// diffusers' GEGLU activation on `x: [..., 2D]`: `hidden, gate = x.chunk(2, -1)`,
+/// `hidden · gelu(gate)` (exact erf GELU), giving `[..., D]`.
+pub fn geglu(gpu: &Gpu, x: &Tensor) -> Result<Tensor> {
+    x.expect_f32("geglu")?;
+    let s = x.shape();
+    let d2 = s.last().copied().unwrap_or(0);
+    if d2 == 0 || d2 % 2 != 0 {
+        return Err(shape_err("geglu", format!("x {s:?} needs an even, non-empty last dim")));
+    }
+    let mut out = s.to_vec();
+    *out.last_mut().unwrap() = d2 / 2;
+    let y = Tensor::empty(gpu, &out)?;
+    let n = y.numel();
+    gpu.dispatch(
+        SHADER,
+        "geglu",
+        &Defines::new(),
+        &Params::new().u(n).u(d2 / 2).u(1).u(0).f(0.0).0,
+        &[(1, x.buffer()), (3, y.buffer())],
+        gpu.grid(groups(n, 256)),
+    )?;
+    Ok(y)
+}
+
 /// CPU references (f64 arithmetic where it matters).
 pub mod reference {
     use super::{Binary, Unary};
@@ -195,6 +219,13 @@ pub mod reference {
             Unary::QuickGelu => x64 * sig(1.702 * x64),
             Unary::AddScalar(a) => x64 + a as f64,
         }) as f32
+    }
+
+    /// GEGLU over rows of `2·d` values.
+    pub fn geglu(x: &[f32], d: usize) -> Vec<f32> {
+        x.chunks(2 * d)
+            .flat_map(|r| (0..d).map(move |j| r[j] * unary(r[d + j], Unary::Gelu)))
+            .collect()
     }
 
     pub fn binary(a: &[f32], b: &[f32], inner: usize, m: usize, op: Binary) -> Vec<f32> {
