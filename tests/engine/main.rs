@@ -7,6 +7,8 @@ mod common;
 mod conv;
 mod elementwise;
 mod layout;
+mod matmul;
 mod norm;
+mod quantize;
 mod runtime;
 mod shaders;

@@ -1,0 +1,208 @@
+// Tiled matrix multiply: C = alpha * A * op(B) + bias.
+//   A: (batch, M, K) f32, row-major.
+//   B: a weight in any storage type (common/weights.wgsl), either shared by every batch or one
+//      matrix per batch (b_rows > 0: batch b uses weight rows b*b_rows ..). Without TRANS_B it
+//      is stored (K, N) and op(B) = B; with TRANS_B it is stored (N, K) and op(B) = Bᵀ
+//      (nn.Linear's weight layout).
+//   C: (batch, M, N) f32. BIAS adds bias[n] in the epilogue.
+// One workgroup computes a BM×BN tile of C, stepping over K in slices of KT: the A slice and
+// the (dequantized) B slice are staged in workgroup memory, then each invocation accumulates a
+// 4×4 block of C in registers. Weights are dequantized while staging, four values per load.
+// Valued defines: BM, BN (multiples of 4, (BM/4)·(BN/4) <= 256), KT (multiple of 4).
+
+struct Params {
+    m: u32,
+    n: u32,
+    k: u32,
+    batch: u32,
+    tiles_n: u32, // ceil(N / BN)
+    tiles_m: u32, // ceil(M / BM)
+    b_rows: u32,  // weight rows per batch (0: one weight shared by all batches)
+    alpha: f32,
+}
+
+@group(0) @binding(0) var<uniform> p: Params;
+@group(0) @binding(1) var<storage, read> a: array<f32>;              // (batch, M, K)
+#ifdef W_F32
+@group(0) @binding(2) var<storage, read> w: array<f32>;              // (N, K) | (K, N), per batch if b_rows > 0
+#else
+@group(0) @binding(2) var<storage, read> w: array<u32>;              // packed (N, K) | (K, N)
+#endif
+#ifdef W_QUANT
+@group(0) @binding(3) var<storage, read> w_scales: array<u32>;       // (blocks) f16 pairs
+#endif
+#ifdef BIAS
+@group(0) @binding(4) var<storage, read> bias: array<f32>;           // (N)
+#endif
+@group(0) @binding(5) var<storage, read_write> c: array<f32>;        // (batch, M, N)
+
+#include "common/weights.wgsl"
+
+const TM = BM / 4u;          // invocations along M
+const TN = BN / 4u;          // invocations along N
+const WG = TM * TN;
+const KC = KT / 4u;          // 4-value chunks along one K slice
+
+var<workgroup> a_tile: array<vec4<f32>, KT * TM>;  // (KT, BM): a_tile[k * TM + m / 4][m % 4]
+var<workgroup> b_tile: array<vec4<f32>, KT * TN>;  // (KT, BN): b_tile[k * TN + n / 4][n % 4]
+
+// Weight values (row, col .. col+3) of a matrix with `cols` values per row; 0 past the row's
+// end. `col` is a multiple of 4, so a q8_0 chunk is one whole word, a q4_0 chunk half a word
+// and both lie in one scale block.
+fn w_at4(row: u32, col: u32, cols: u32) -> vec4<f32> {
+    if (col + 4u > cols) {
+        var v = vec4<f32>(0.0);
+        for (var j = 0u; j < 4u; j++) {
+            if (col + j < cols) {
+                v[j] = w_at(row, col + j, cols);
+            }
+        }
+        return v;
+    }
+#ifdef W_F32
+    let e = row * cols + col;
+    return vec4<f32>(w[e], w[e + 1u], w[e + 2u], w[e + 3u]);
+#endif
+#ifdef W_F16
+    let e = row * cols + col;
+    if ((e & 1u) == 1u) {
+        // Odd row length: the chunk straddles words.
+        return vec4<f32>(w_at(row, col, cols), w_at(row, col + 1u, cols),
+                         w_at(row, col + 2u, cols), w_at(row, col + 3u, cols));
+    }
+    return vec4<f32>(unpack2x16float(w[e >> 1u]), unpack2x16float(w[(e >> 1u) + 1u]));
+#endif
+#ifdef W_Q8_0
+    let e = row * w_padded(cols) + col;
+    let q = vec4<i32>(bitcast<i32>(w[e >> 2u]));
+    // Sign-extend each byte: move it to the top, then shift back arithmetically.
+    let s = (q << vec4<u32>(24u, 16u, 8u, 0u)) >> vec4<u32>(24u);
+    return vec4<f32>(s) * w_scale(e >> 5u);
+#endif
+#ifdef W_Q4_0
+    let e = row * w_padded(cols) + col;
+    let h = w[e >> 3u] >> (4u * (e & 4u));
+    let q = (vec4<u32>(h) >> vec4<u32>(0u, 4u, 8u, 12u)) & vec4<u32>(15u);
+    return (vec4<f32>(q) - 8.0) * w_scale(e >> 5u);
+#endif
+}
+
+// A values (row, col .. col+3) of batch matrix starting at `base`; 0 outside (M, K).
+fn a_at4(base: u32, row: u32, col: u32) -> vec4<f32> {
+    if (row >= p.m) {
+        return vec4<f32>(0.0);
+    }
+    let e = base + row * p.k + col;
+    if (col + 4u <= p.k) {
+        return vec4<f32>(a[e], a[e + 1u], a[e + 2u], a[e + 3u]);
+    }
+    var v = vec4<f32>(0.0);
+    for (var j = 0u; j < 4u; j++) {
+        if (col + j < p.k) {
+            v[j] = a[e + j];
+        }
+    }
+    return v;
+}
+
+@compute @workgroup_size(WG)
+fn matmul(@builtin(workgroup_id) wg: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>,
+          @builtin(local_invocation_index) lid: u32) {
+    let tile = wg.x + wg.y * nwg.x;
+    if (tile >= p.tiles_n * p.tiles_m * p.batch) {
+        return;
+    }
+    let n0 = (tile % p.tiles_n) * BN;
+    let m0 = ((tile / p.tiles_n) % p.tiles_m) * BM;
+    let bat = tile / (p.tiles_n * p.tiles_m);
+    let a_base = bat * p.m * p.k;
+    let w_row0 = bat * p.b_rows;
+    let tx = lid % TN;
+    let ty = lid / TN;
+
+    var acc0 = vec4<f32>(0.0);
+    var acc1 = vec4<f32>(0.0);
+    var acc2 = vec4<f32>(0.0);
+    var acc3 = vec4<f32>(0.0);
+
+    let steps = (p.k + KT - 1u) / KT;
+    for (var s = 0u; s < steps; s++) {
+        let k0 = s * KT;
+        // Stage A (BM rows × KT), transposed so the inner loop reads 4 rows at once.
+        for (var i = lid; i < BM * KC; i += WG) {
+            let mm = i / KC;
+            let kk = (i % KC) * 4u;
+            let v = a_at4(a_base, m0 + mm, k0 + kk);
+            let slot = kk * TM + mm / 4u;
+            let lane = mm % 4u;
+            a_tile[slot][lane] = v.x;
+            a_tile[slot + TM][lane] = v.y;
+            a_tile[slot + 2u * TM][lane] = v.z;
+            a_tile[slot + 3u * TM][lane] = v.w;
+        }
+        // Stage B (KT × BN), dequantizing.
+#ifdef TRANS_B
+        // Weight rows are n: read 4 consecutive k of one n.
+        for (var i = lid; i < BN * KC; i += WG) {
+            let nn = i / KC;
+            let kk = (i % KC) * 4u;
+            var v = vec4<f32>(0.0);
+            if (n0 + nn < p.n) {
+                v = w_at4(w_row0 + n0 + nn, k0 + kk, p.k);
+            }
+            let slot = kk * TN + nn / 4u;
+            let lane = nn % 4u;
+            b_tile[slot][lane] = v.x;
+            b_tile[slot + TN][lane] = v.y;
+            b_tile[slot + 2u * TN][lane] = v.z;
+            b_tile[slot + 3u * TN][lane] = v.w;
+        }
+#else
+        // Weight rows are k: read 4 consecutive n of one k.
+        for (var i = lid; i < KT * TN; i += WG) {
+            let kk = i / TN;
+            let nn = (i % TN) * 4u;
+            var v = vec4<f32>(0.0);
+            if (k0 + kk < p.k) {
+                v = w_at4(w_row0 + k0 + kk, n0 + nn, p.n);
+            }
+            b_tile[i] = v;
+        }
+#endif
+        workgroupBarrier();
+        for (var kk = 0u; kk < KT; kk++) {
+            let av = a_tile[kk * TM + ty];
+            let bv = b_tile[kk * TN + tx];
+            acc0 += av.x * bv;
+            acc1 += av.y * bv;
+            acc2 += av.z * bv;
+            acc3 += av.w * bv;
+        }
+        workgroupBarrier();
+    }
+
+    let col = n0 + tx * 4u;
+    var add = vec4<f32>(0.0);
+#ifdef BIAS
+    for (var j = 0u; j < 4u; j++) {
+        if (col + j < p.n) {
+            add[j] = bias[col + j];
+        }
+    }
+#endif
+    let c_base = bat * p.m * p.n;
+    var rows = array<vec4<f32>, 4>(acc0, acc1, acc2, acc3);
+    for (var i = 0u; i < 4u; i++) {
+        let row = m0 + ty * 4u + i;
+        if (row >= p.m) {
+            break;
+        }
+        let v = p.alpha * rows[i] + add;
+        let e = c_base + row * p.n + col;
+        for (var j = 0u; j < 4u; j++) {
+            if (col + j < p.n) {
+                c[e + j] = v[j];
+            }
+        }
+    }
+}
