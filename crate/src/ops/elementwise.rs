@@ -153,7 +153,7 @@ pub fn geglu(gpu: &Gpu, x: &Tensor) -> Result<Tensor> {
     x.expect_f32("geglu")?;
     let s = x.shape();
     let d2 = s.last().copied().unwrap_or(0);
-    if d2 == 0 || d2 % 2 != 0 {
+    if d2 == 0 || !d2.is_multiple_of(2) {
         return Err(shape_err("geglu", format!("x {s:?} needs an even, non-empty last dim")));
     }
     let mut out = s.to_vec();

@@ -231,7 +231,7 @@ pub mod reference {
             } else {
                 y.extend(sin.chain(cos));
             }
-            if dim % 2 == 1 {
+            if !dim.is_multiple_of(2) {
                 y.push(0.0);
             }
         }

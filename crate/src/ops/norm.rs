@@ -3,7 +3,7 @@
 //! `torch.softmax(scale * x, -1)`). Reductions use subgroup operations where the device has
 //! them and a workgroup-memory tree otherwise.
 
-use super::{groups, Params};
+use super::{groups as workgroups_for, Params};
 use crate::error::{shape_err, Result};
 use crate::gpu::{GpuBuffer, Gpu};
 use crate::shader::{Defines, ShaderSource};
@@ -92,7 +92,7 @@ fn affine_param<'a>(
 pub fn group_norm(
     gpu: &Gpu,
     x: &Tensor,
-    groups_: usize,
+    groups: usize,
     gamma: Option<&Tensor>,
     beta: Option<&Tensor>,
     eps: f32,
@@ -101,10 +101,10 @@ pub fn group_norm(
     const OP: &str = "group_norm";
     x.expect_f32(OP)?;
     let s = x.shape();
-    if s.len() < 2 || s[1] == 0 || groups_ == 0 || s[1] % groups_ != 0 {
+    if s.len() < 2 || s[1] == 0 || groups == 0 || !s[1].is_multiple_of(groups) {
         return Err(shape_err(
             OP,
-            format!("x {s:?} must be [B, C, ...] with C divisible by {groups_} groups"),
+            format!("x {s:?} must be [B, C, ...] with C divisible by {groups} groups"),
         ));
     }
     let (b, c) = (s[0], s[1]);
@@ -116,9 +116,9 @@ pub fn group_norm(
     if n == 0 {
         return Ok(y);
     }
-    let cpg = c / groups_;
+    let cpg = c / groups;
     let d = cpg * spatial;
-    let ngroups = b * groups_;
+    let ngroups = b * groups;
     let chunks = d.div_ceil(GN_CHUNK);
     let p = P {
         rows: ngroups,
@@ -159,7 +159,7 @@ pub fn group_norm(
         &def,
         &p,
         &[(1, x.buffer()), (2, g_buf), (3, b_buf), (4, y.buffer()), (6, &stats)],
-        gpu.grid(groups(n, WG)),
+        gpu.grid(workgroups_for(n, WG)),
     )?;
     Ok(y)
 }
