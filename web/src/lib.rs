@@ -1,0 +1,88 @@
+//! Browser bindings of the loralab engine. Loaded by `www/worker.js` (a module Web Worker) and
+//! usable from a page as well:
+//!
+//! ```js
+//! import load, { init, self_test } from "./loralab_web.js";
+//! await load();                      // instantiate the wasm module (the default export)
+//! const info = await init();         // adapter, caps, features (throws without WebGPU)
+//! const report = await self_test();  // every kernel against its CPU reference
+//! ```
+//!
+//! Errors are thrown as `Error` objects carrying the engine's message; a missing WebGPU adapter
+//! throws one named `NoAdapterError` so the page can explain what to enable.
+
+#![cfg(target_arch = "wasm32")]
+
+use loralab::selftest;
+use loralab::{Error, Gpu, GpuOptions};
+use serde::Serialize;
+use std::cell::RefCell;
+use std::rc::Rc;
+use wasm_bindgen::prelude::*;
+
+thread_local! {
+    static GPU: RefCell<Option<Rc<Gpu>>> = const { RefCell::new(None) };
+}
+
+#[wasm_bindgen(start)]
+pub fn start() {
+    console_error_panic_hook::set_once();
+}
+
+/// The crate version, for the page footer.
+#[wasm_bindgen]
+pub fn version() -> String {
+    env!("CARGO_PKG_VERSION").to_string()
+}
+
+fn js_error(e: &Error) -> JsValue {
+    let err = js_sys::Error::new(&e.to_string());
+    err.set_name(match e {
+        Error::NoAdapter(_) => "NoAdapterError",
+        Error::DeviceLost(_) => "DeviceLostError",
+        _ => "LoralabError",
+    });
+    err.into()
+}
+
+fn to_js<T: Serialize>(v: &T) -> Result<JsValue, JsValue> {
+    v.serialize(&serde_wasm_bindgen::Serializer::json_compatible())
+        .map_err(|e| js_sys::Error::new(&format!("serialising the result failed: {e}")).into())
+}
+
+/// The open device, opening it on first use (and again after the device was lost).
+async fn gpu() -> Result<Rc<Gpu>, JsValue> {
+    if let Some(g) = GPU.with_borrow(|g| g.clone()) {
+        if g.check_lost().is_ok() {
+            return Ok(g);
+        }
+    }
+    let g = Rc::new(Gpu::new(GpuOptions::default()).await.map_err(|e| js_error(&e))?);
+    GPU.with_borrow_mut(|slot| *slot = Some(Rc::clone(&g)));
+    Ok(g)
+}
+
+/// `performance.now()` in a page or a worker (milliseconds).
+fn now() -> f64 {
+    js_sys::Reflect::get(&js_sys::global(), &JsValue::from_str("performance"))
+        .ok()
+        .and_then(|p| p.dyn_into::<web_sys::Performance>().ok())
+        .map_or_else(js_sys::Date::now, |p| p.now())
+}
+
+/// Opens the GPU and returns `{ adapter, caps, adapter_features, memory, pipelines }`.
+#[wasm_bindgen(js_name = init)]
+pub async fn init_gpu() -> Result<JsValue, JsValue> {
+    let g = gpu().await?;
+    to_js(&selftest::describe(&g))
+}
+
+/// Runs the kernel self-test and returns the report
+/// (`{ adapter, caps, families, cases: [{op, case, nmse, bound, passed, ms, error}], passed,
+/// failed, total_ms }`).
+#[wasm_bindgen]
+pub async fn self_test() -> Result<JsValue, JsValue> {
+    let g = gpu().await?;
+    let report = selftest::run_with_clock(&g, &now).await;
+    to_js(&report)
+}
