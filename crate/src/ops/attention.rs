@@ -2,8 +2,9 @@
 //!
 //! `q: [B, Nq, H·D]`, `k, v: [B, Nk, H·D]` with heads interleaved in the last dimension (head h
 //! owns columns `h·D..(h+1)·D`), as diffusers' attention processors hold them around head
-//! splitting; the output is `[B, Nq, H·D]` in the same layout. The score matrix lives only in
-//! workgroup memory, one key tile at a time, under an online softmax.
+//! splitting; the output is `[B, Nq, H·D]` in the same layout. Each invocation owns one query
+//! row (and its output accumulator) in registers; key and value tiles are staged in workgroup
+//! memory and visited under an online softmax, so the Nq × Nk score matrix never exists.
 
 use super::Params;
 use crate::error::{shape_err, Result};
@@ -17,7 +18,7 @@ pub static SHADERS: &[ShaderSource] = &[ShaderSource {
     name: SHADER,
     source: crate::wgsl!("attention.wgsl"),
     flag_axes: &[],
-    values: &[("HEAD_DIM", "40u"), ("BQ", "32u"), ("BK", "16u"), ("TPQ", "8u")],
+    values: &[("HEAD_DIM", "40u"), ("BQ", "64u"), ("BK", "48u")],
     entries: &["attention"],
     top_level: true,
 }];
@@ -42,64 +43,42 @@ impl AttentionOpts {
     }
 }
 
-/// Tile sizes of one kernel variant: `bq` queries per workgroup with `tpq` invocations each,
-/// keys visited `bk` at a time.
+/// Tile sizes of one kernel variant: `bq` queries per workgroup (one invocation each), keys
+/// staged `bk` at a time (a multiple of 4).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct Tiles {
     pub bq: usize,
     pub bk: usize,
-    pub tpq: usize,
 }
 
+/// Queries per workgroup when the device allows it.
+pub const DEFAULT_BQ: usize = 64;
+/// Longest key tile used.
+pub const MAX_BK: usize = 64;
+
 impl Tiles {
-    /// Workgroup memory the kernel uses for head dimension `d`, in bytes.
+    /// Workgroup memory the kernel uses for head dimension `d`, in bytes (keys and values as
+    /// rows of ceil(d/4) vec4).
     pub fn workgroup_bytes(&self, d: usize) -> usize {
-        let stride = d | 1;
-        4 * (self.bq * stride + self.bk * stride + self.bq * self.bk + self.bq * self.tpq)
+        2 * self.bk * d.div_ceil(4) * 16
     }
 
     pub fn invocations(&self) -> usize {
-        self.bq * self.tpq
+        self.bq
     }
 }
 
 /// Tile sizes for head dimension `d` within `workgroup_bytes` of workgroup memory and
-/// `max_invocations` per workgroup (at most 256 are used). `None` when `d` is 0, above
-/// [`MAX_HEAD_DIM`], or no tiling fits.
+/// `max_invocations` per workgroup. `None` when `d` is 0, above [`MAX_HEAD_DIM`], or no
+/// tiling fits.
 pub fn tiles_for(d: usize, workgroup_bytes: u32, max_invocations: u32) -> Option<Tiles> {
     if d == 0 || d > MAX_HEAD_DIM {
         return None;
     }
-    let inv = (max_invocations as usize).min(256);
-    let budget = workgroup_bytes as usize;
-    // About 8 output dimensions per invocation: D = 40 → 8 per row (5 each), 64 → 8, 80 → 16,
-    // 160 → 32 (5 each).
-    let mut tpq = d.div_ceil(8).next_power_of_two().min(32);
-    while tpq > inv {
-        tpq /= 2;
-    }
-    // Prefer many rows per workgroup (key/value reuse), then long key tiles (fewer barriers):
-    // take the largest row count whose key tile still holds 16 keys, or failing that, any fit.
-    let mut fallback = None;
-    let mut bq = (inv / tpq).max(1);
-    while bq >= 1 {
-        let fixed = Tiles { bq, bk: 0, tpq }.workgroup_bytes(d);
-        if fixed < budget {
-            let per_key = 4 * ((d | 1) + bq);
-            let mut bk = ((budget - fixed) / per_key).min(64);
-            if bk >= tpq {
-                bk -= bk % tpq;
-            }
-            if bk >= 16 {
-                return Some(Tiles { bq, bk, tpq });
-            }
-            if bk >= 1 && fallback.is_none() {
-                fallback = Some(Tiles { bq, bk, tpq });
-            }
-        }
-        bq /= 2;
-    }
-    fallback
+    let bq = DEFAULT_BQ.min(max_invocations as usize);
+    let per_key = Tiles { bq, bk: 1 }.workgroup_bytes(d);
+    let bk = (workgroup_bytes as usize / per_key).min(MAX_BK) / 4 * 4;
+    (bq >= 1 && bk >= 4).then_some(Tiles { bq, bk })
 }
 
 /// Checks shapes and returns (B, Nq, Nk, D).
@@ -161,7 +140,7 @@ pub fn attention_tiled(
     let caps = gpu.caps();
     if tiles.bq == 0
         || tiles.bk == 0
-        || tiles.tpq == 0
+        || tiles.bk % 4 != 0
         || tiles.invocations() > (caps.max_invocations_per_workgroup as usize).min(256)
         || tiles.workgroup_bytes(d) > caps.max_workgroup_storage as usize
     {
@@ -182,8 +161,7 @@ pub fn attention_tiled(
     let defines = Defines::new()
         .value("HEAD_DIM", format!("{d}u"))
         .value("BQ", format!("{}u", tiles.bq))
-        .value("BK", format!("{}u", tiles.bk))
-        .value("TPQ", format!("{}u", tiles.tpq));
+        .value("BK", format!("{}u", tiles.bk));
     let params = Params::new()
         .u(b)
         .u(nq)
