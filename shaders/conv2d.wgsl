@@ -8,7 +8,8 @@
 // One workgroup computes a BM x BN tile of C (BM = WG_M*TM output channels, BN = WG_N*TN output
 // pixels), walking K in steps of BK through two tiles in workgroup memory; each invocation keeps
 // a TM x TN block of accumulators (rows ty + i*WG_M, columns tx + j*WG_N).
-// Valued defines: WG_M, WG_N, TM, TN, BK. The host guarantees (WG_M*WG_N) % BN == 0 and
+// Valued defines: WG_M, WG_N, TM, TN, BK, and the kernel size KH, KW (constants, so decoding
+// k = (ci, ky, kx) divides by constants). The host guarantees (WG_M*WG_N) % BN == 0 and
 // (BK*BN) % (WG_M*WG_N) == 0 (each invocation gathers whole rows of one input-tile column).
 // Flags: one weight type (W_F32 | W_F16 | W_Q8_0+W_QUANT | W_Q4_0+W_QUANT); BIAS.
 
@@ -19,8 +20,6 @@ struct Params {
     cout: u32,     // output channels (rows of W)
     ho: u32,       // output height
     wo: u32,       // output width
-    kh: u32,       // kernel height
-    kw: u32,       // kernel width
     stride: u32,
     pad: u32,
     k: u32,        // cin*kh*kw (columns of W)
@@ -59,8 +58,10 @@ fn conv2d(@builtin(workgroup_id) wg: vec3<u32>, @builtin(num_workgroups) nwg: ve
     let m0 = (tile % p.m_tiles) * BM;
     let n0 = (tile / p.m_tiles) * BN;
     let tx = lid % WG_N;
-    let ty = lid / WG_N;
-    let khw = p.kh * p.kw;
+    // Constant 0 when WG_M is 1, so the weight-tile reads are visibly uniform (one load
+    // broadcast to every lane on SIMD CPU drivers such as lavapipe).
+    let ty = select(lid / WG_N, 0u, WG_M == 1u);
+    
     let hw = p.h * p.w;
     let howo = p.ho * p.wo;
 
@@ -99,11 +100,11 @@ fn conv2d(@builtin(workgroup_id) wg: vec3<u32>, @builtin(num_workgroups) nwg: ve
             let k = k0 + kr;
             var v = 0.0;
             if (pix_ok && k < p.k) {
-                let ci = k / khw;
-                let r = k - ci * khw;
-                let ky = r / p.kw;
+                let ci = k / (KH * KW);
+                let r = k - ci * (KH * KW);
+                let ky = r / KW;
                 let iy = iy0 + i32(ky);
-                let ix = ix0 + i32(r - ky * p.kw);
+                let ix = ix0 + i32(r - ky * KW);
                 if (u32(iy) < p.h && u32(ix) < p.w) {
                     v = x[xbase + ci * hw + u32(iy) * p.w + u32(ix)];
                 }

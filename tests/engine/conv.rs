@@ -171,27 +171,46 @@ fn conv2d_shape_errors() {
     assert!(conv2d(gpu, &wq, &w, None, p1).is_err(), "quantized activations are refused");
 }
 
-/// `cargo test -p loralab --release --test engine conv2d_speed -- --ignored --nocapture`
+/// `cargo test -p loralab --test engine conv2d_speed -- --ignored --nocapture`
+/// (LORALAB_CONV_TILES="wg_m,wg_n,tm,tn,bk;..." to time other tilings, LORALAB_CONV_DTYPES="f32,q8_0").
 #[test]
 #[ignore]
 fn conv2d_speed() {
     let gpu = gpu();
+    eprintln!("{:?}", gpu.adapter());
     let (cin, cout, hw) = (320, 320, 64);
     let x = Tensor::from_f32(gpu, &[1, cin, hw, hw], &randn(cin * hw * hw, 1)).unwrap();
     let wv = randn(cout * cin * 9, 2);
     let b = Tensor::from_f32(gpu, &[cout], &randn(cout, 3)).unwrap();
     let p = Conv2dParams { stride: 1, padding: 1 };
     let flops = 2.0 * (cout * cin * 9 * hw * hw) as f64;
-    for dt in DType::ALL {
+    let tilings: Vec<Tiles> = match std::env::var("LORALAB_CONV_TILES") {
+        Ok(s) => s
+            .split(';')
+            .map(|t| {
+                let v: Vec<usize> = t.split(',').map(|n| n.trim().parse().unwrap()).collect();
+                Tiles { wg_m: v[0], wg_n: v[1], tm: v[2], tn: v[3], bk: v[4] }
+            })
+            .collect(),
+        Err(_) => vec![Tiles::choose(gpu.caps(), cout)],
+    };
+    let dtypes: Vec<DType> = match std::env::var("LORALAB_CONV_DTYPES") {
+        Ok(s) => s.split(',').map(|d| DType::parse(d).unwrap()).collect(),
+        Err(_) => DType::ALL.to_vec(),
+    };
+    for dt in dtypes {
         let w = Tensor::from_f32_as(gpu, &[cout, cin, 3, 3], &wv, dt).unwrap();
-        read(gpu, &conv2d(gpu, &x, &w, Some(&b), p).unwrap()); // compile and warm up
-        let t = std::time::Instant::now();
-        let reps = 2;
-        for _ in 0..reps {
-            let _ = conv2d(gpu, &x, &w, Some(&b), p).unwrap();
+        for &t in &tilings {
+            read(gpu, &conv2d_with(gpu, &x, &w, Some(&b), p, t).unwrap()); // compile, warm up
+            let start = std::time::Instant::now();
+            let _ = conv2d_with(gpu, &x, &w, Some(&b), p, t).unwrap();
+            block(gpu.sync()).unwrap();
+            let s = start.elapsed().as_secs_f64();
+            eprintln!(
+                "conv2d 64x64x320->320 3x3 {dt} {t:?}: {:.0} ms, {:.2} GFLOP/s",
+                s * 1e3,
+                flops / s / 1e9
+            );
         }
-        block(gpu.sync()).unwrap();
-        let s = t.elapsed().as_secs_f64() / reps as f64;
-        eprintln!("conv2d 64x64x320->320 3x3 {dt}: {:.1} ms, {:.2} GFLOP/s", s * 1e3, flops / s / 1e9);
     }
 }

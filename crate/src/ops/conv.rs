@@ -17,7 +17,15 @@ pub static SHADERS: &[ShaderSource] = &[ShaderSource {
     name: SHADER,
     source: crate::wgsl!("conv2d.wgsl"),
     flag_axes: &[WEIGHT_AXIS, &["", "BIAS"]],
-    values: &[("WG_M", "16u"), ("WG_N", "16u"), ("TM", "4u"), ("TN", "4u"), ("BK", "16u")],
+    values: &[
+        ("WG_M", "16u"),
+        ("WG_N", "16u"),
+        ("TM", "4u"),
+        ("TN", "4u"),
+        ("BK", "16u"),
+        ("KH", "3u"),
+        ("KW", "3u"),
+    ],
     entries: &["conv2d"],
     top_level: true,
 }];
@@ -69,7 +77,7 @@ impl Tiles {
 
     /// Tiles for `cout` output channels on a device with `caps`: a narrow channel tile when
     /// there are few channels (conv_out, the VAE's last conv), the deepest reduction step the
-    /// workgroup memory allows (<= 32).
+    /// workgroup memory allows (<= 32). Every choice has at most 256 invocations.
     pub fn choose(caps: &Caps, cout: usize) -> Tiles {
         let max_inv = caps.max_invocations_per_workgroup.max(64) as usize;
         let mut t = if max_inv < 256 {
@@ -81,7 +89,9 @@ impl Tiles {
         } else if cout <= 32 {
             Tiles { wg_m: 8, wg_n: 32, tm: 4, tn: 4, bk: 8 }
         } else {
-            Tiles { wg_m: 16, wg_n: 16, tm: 4, tn: 4, bk: 8 }
+            // 128 invocations with 8x4 blocks: on lavapipe (every memory access a loop over
+            // the SIMD lanes) the larger block beat 256 invocations with 4x4 blocks.
+            Tiles { wg_m: 8, wg_n: 16, tm: 8, tn: 4, bk: 8 }
         };
         let limit = caps.max_workgroup_storage as usize;
         while t.bk < 32 && (Tiles { bk: t.bk * 2, ..t }).workgroup_bytes() <= limit {
@@ -192,7 +202,11 @@ pub fn conv2d_with(
     let groups = u32::try_from(m_tiles * n_tiles).map_err(|_| {
         shape_err("conv2d", format!("input {xs:?} with weight {ws:?} needs too many workgroups"))
     })?;
-    let defines = shader::weight_defines(tiles.defines(), w.dtype()).flag_if("BIAS", bias.is_some());
+    let defines = tiles
+        .defines()
+        .value("KH", format!("{kh}u"))
+        .value("KW", format!("{kw}u"));
+    let defines = shader::weight_defines(defines, w.dtype()).flag_if("BIAS", bias.is_some());
     let params = Params::new()
         .u(cin)
         .u(h)
@@ -200,8 +214,6 @@ pub fn conv2d_with(
         .u(cout)
         .u(ho)
         .u(wo)
-        .u(kh)
-        .u(kw)
         .u(p.stride)
         .u(p.padding)
         .u(k)
