@@ -6,9 +6,11 @@
 //      (nn.Linear's weight layout).
 //   C: (batch, M, N) f32. BIAS adds bias[n] in the epilogue.
 // One workgroup computes a BM×BN tile of C, stepping over K in slices of KT: the A slice and
-// the (dequantized) B slice are staged in workgroup memory, then each invocation accumulates a
-// 4×4 block of C in registers. Weights are dequantized while staging, four values per load.
-// Valued defines: BM, BN (multiples of 4, (BM/4)·(BN/4) <= 256), KT (multiple of 4).
+// the (dequantized) B slice are staged in workgroup memory, then each invocation accumulates an
+// 8×8 block of C in registers (64 multiply-adds per four vec4 reads of workgroup memory).
+// Weights are dequantized while staging, four values per load. A_VEC4 (K a multiple of 4)
+// reads A four values at a time.
+// Valued defines: BM, BN (multiples of 8, (BM/8)·(BN/8) <= 256), KT (multiple of 4).
 
 struct Params {
     m: u32,
@@ -22,7 +24,11 @@ struct Params {
 }
 
 @group(0) @binding(0) var<uniform> p: Params;
+#ifdef A_VEC4
+@group(0) @binding(1) var<storage, read> a: array<vec4<f32>>;        // (batch, M, K / 4)
+#else
 @group(0) @binding(1) var<storage, read> a: array<f32>;              // (batch, M, K)
+#endif
 #ifdef W_F32
 @group(0) @binding(2) var<storage, read> w: array<f32>;              // (N, K) | (K, N), per batch if b_rows > 0
 #else
@@ -38,9 +44,9 @@ struct Params {
 
 #include "common/weights.wgsl"
 
-const TM = BM / 4u;          // invocations along M
-const TN = BN / 4u;          // invocations along N
-const WG = TM * TN;
+const TM = BM / 4u;          // vec4 slots along M
+const TN = BN / 4u;          // vec4 slots along N
+const WG = (BM / 8u) * (BN / 8u);
 const KC = KT / 4u;          // 4-value chunks along one K slice
 
 var<workgroup> a_tile: array<vec4<f32>, KT * TM>;  // (KT, BM): a_tile[k * TM + m / 4][m % 4]
@@ -87,12 +93,15 @@ fn w_at4(row: u32, col: u32, cols: u32) -> vec4<f32> {
 #endif
 }
 
-// A values (row, col .. col+3) of batch matrix starting at `base`; 0 outside (M, K).
+// A values (row, col .. col+3) of the batch matrix starting at `base`; 0 outside (M, K).
 fn a_at4(base: u32, row: u32, col: u32) -> vec4<f32> {
-    if (row >= p.m) {
+    if (row >= p.m || col >= p.k) {
         return vec4<f32>(0.0);
     }
     let e = base + row * p.k + col;
+#ifdef A_VEC4
+    return a[e >> 2u];
+#else
     if (col + 4u <= p.k) {
         return vec4<f32>(a[e], a[e + 1u], a[e + 2u], a[e + 3u]);
     }
@@ -103,6 +112,34 @@ fn a_at4(base: u32, row: u32, col: u32) -> vec4<f32> {
         }
     }
     return v;
+#endif
+}
+
+// Bias of columns col .. col+3 (0 without BIAS or past N).
+fn bias4(col: u32) -> vec4<f32> {
+    var v = vec4<f32>(0.0);
+#ifdef BIAS
+    for (var j = 0u; j < 4u; j++) {
+        if (col + j < p.n) {
+            v[j] = bias[col + j];
+        }
+    }
+#endif
+    return v;
+}
+
+// Writes alpha·acc + add to C (row, col .. col+3), skipping what lies outside (M, N).
+fn store4(c_base: u32, row: u32, col: u32, acc: vec4<f32>, add: vec4<f32>) {
+    if (row >= p.m) {
+        return;
+    }
+    let v = p.alpha * acc + add;
+    let e = c_base + row * p.n + col;
+    for (var j = 0u; j < 4u; j++) {
+        if (col + j < p.n) {
+            c[e + j] = v[j];
+        }
+    }
 }
 
 @compute @workgroup_size(WG)
@@ -117,13 +154,12 @@ fn matmul(@builtin(workgroup_id) wg: vec3<u32>, @builtin(num_workgroups) nwg: ve
     let bat = tile / (p.tiles_n * p.tiles_m);
     let a_base = bat * p.m * p.k;
     let w_row0 = bat * p.b_rows;
-    let tx = lid % TN;
-    let ty = lid / TN;
+    let tx = lid % (BN / 8u); // columns n0 + 8·tx ..
+    let ty = lid / (BN / 8u); // rows m0 + 8·ty ..
 
-    var acc0 = vec4<f32>(0.0);
-    var acc1 = vec4<f32>(0.0);
-    var acc2 = vec4<f32>(0.0);
-    var acc3 = vec4<f32>(0.0);
+    // acc[2i + h]: row 8·ty + i, columns 8·tx + 4h .. +3.
+    // Indexed only by constants, so it stays in registers.
+    var acc = array<vec4<f32>, 16>();
 
     let steps = (p.k + KT - 1u) / KT;
     for (var s = 0u; s < steps; s++) {
@@ -171,38 +207,49 @@ fn matmul(@builtin(workgroup_id) wg: vec3<u32>, @builtin(num_workgroups) nwg: ve
 #endif
         workgroupBarrier();
         for (var kk = 0u; kk < KT; kk++) {
-            let av = a_tile[kk * TM + ty];
-            let bv = b_tile[kk * TN + tx];
-            acc0 += av.x * bv;
-            acc1 += av.y * bv;
-            acc2 += av.z * bv;
-            acc3 += av.w * bv;
+            let a0 = a_tile[kk * TM + 2u * ty];
+            let a1 = a_tile[kk * TM + 2u * ty + 1u];
+            let b0 = b_tile[kk * TN + 2u * tx];
+            let b1 = b_tile[kk * TN + 2u * tx + 1u];
+            acc[0] += a0.x * b0;
+            acc[1] += a0.x * b1;
+            acc[2] += a0.y * b0;
+            acc[3] += a0.y * b1;
+            acc[4] += a0.z * b0;
+            acc[5] += a0.z * b1;
+            acc[6] += a0.w * b0;
+            acc[7] += a0.w * b1;
+            acc[8] += a1.x * b0;
+            acc[9] += a1.x * b1;
+            acc[10] += a1.y * b0;
+            acc[11] += a1.y * b1;
+            acc[12] += a1.z * b0;
+            acc[13] += a1.z * b1;
+            acc[14] += a1.w * b0;
+            acc[15] += a1.w * b1;
         }
         workgroupBarrier();
     }
 
-    let col = n0 + tx * 4u;
-    var add = vec4<f32>(0.0);
-#ifdef BIAS
-    for (var j = 0u; j < 4u; j++) {
-        if (col + j < p.n) {
-            add[j] = bias[col + j];
-        }
-    }
-#endif
     let c_base = bat * p.m * p.n;
-    var rows = array<vec4<f32>, 4>(acc0, acc1, acc2, acc3);
-    for (var i = 0u; i < 4u; i++) {
-        let row = m0 + ty * 4u + i;
-        if (row >= p.m) {
-            break;
-        }
-        let v = p.alpha * rows[i] + add;
-        let e = c_base + row * p.n + col;
-        for (var j = 0u; j < 4u; j++) {
-            if (col + j < p.n) {
-                c[e + j] = v[j];
-            }
-        }
-    }
+    let r = m0 + ty * 8u;
+    let c0 = n0 + tx * 8u;
+    let add0 = bias4(c0);
+    let add1 = bias4(c0 + 4u);
+    store4(c_base, r, c0, acc[0], add0);
+    store4(c_base, r, c0 + 4u, acc[1], add1);
+    store4(c_base, r + 1u, c0, acc[2], add0);
+    store4(c_base, r + 1u, c0 + 4u, acc[3], add1);
+    store4(c_base, r + 2u, c0, acc[4], add0);
+    store4(c_base, r + 2u, c0 + 4u, acc[5], add1);
+    store4(c_base, r + 3u, c0, acc[6], add0);
+    store4(c_base, r + 3u, c0 + 4u, acc[7], add1);
+    store4(c_base, r + 4u, c0, acc[8], add0);
+    store4(c_base, r + 4u, c0 + 4u, acc[9], add1);
+    store4(c_base, r + 5u, c0, acc[10], add0);
+    store4(c_base, r + 5u, c0 + 4u, acc[11], add1);
+    store4(c_base, r + 6u, c0, acc[12], add0);
+    store4(c_base, r + 6u, c0 + 4u, acc[13], add1);
+    store4(c_base, r + 7u, c0, acc[14], add0);
+    store4(c_base, r + 7u, c0 + 4u, acc[15], add1);
 }

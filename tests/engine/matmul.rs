@@ -100,6 +100,7 @@ fn fixed_debug_case() {
 #[test]
 fn every_weight_type_orientation_and_bias() {
     let gpu = gpu();
+    // K = 1, 37: A read value by value; K = 64, 1000, 70: four at a time.
     let shapes: [(usize, usize, usize); 6] =
         [(1, 1, 1), (1, 64, 1), (7, 1, 5), (33, 1000, 17), (65, 70, 129), (3, 37, 64)];
     let mut seed = 100;
@@ -162,6 +163,7 @@ fn small_device_tiles() {
         Tiles { bm: 64, bn: 64, kt: 16 },
         Tiles { bm: 32, bn: 64, kt: 8 },
         Tiles { bm: 32, bn: 32, kt: 4 },
+        Tiles { bm: 128, bn: 64, kt: 8 },
     ];
     for (ti, t) in tiles.into_iter().enumerate() {
         for (di, dt) in [DType::F32, DType::Q4_0].into_iter().enumerate() {
@@ -237,28 +239,39 @@ fn gpu_quantized_weights_feed_linear() {
     }
 }
 
-/// Timing of the benchmark shapes (run with `--ignored --nocapture`).
+/// CPU seconds used by this process (lavapipe runs kernels on the CPU; on a shared machine
+/// this is steadier than wall time).
+fn cpu_seconds() -> f64 {
+    let stat = std::fs::read_to_string("/proc/self/stat").unwrap_or_default();
+    let f: Vec<&str> = stat.rsplit(')').next().unwrap_or("").split_whitespace().collect();
+    let ticks = |i: usize| f.get(i).and_then(|v| v.parse::<f64>().ok()).unwrap_or(0.0);
+    (ticks(11) + ticks(12)) / 100.0
+}
+
+/// Timing of the benchmark shapes (run with `--ignored --nocapture`; MATMUL_BENCH_TYPES picks
+/// storage types, e.g. `f32,q4_0`, MATMUL_BENCH_SHAPES how many of the three shapes).
 #[test]
 #[ignore]
 fn bench_matmul_shapes() {
     let gpu = gpu();
-    for (m, k, n) in [(4096, 320, 320), (4096, 640, 1280), (1024, 1280, 5120)] {
+    let types: Vec<DType> = match std::env::var("MATMUL_BENCH_TYPES") {
+        Ok(v) => v.split(',').filter_map(DType::parse).collect(),
+        Err(_) => DType::ALL.to_vec(),
+    };
+    let count = std::env::var("MATMUL_BENCH_SHAPES").ok().and_then(|v| v.parse().ok()).unwrap_or(3);
+    for (m, k, n) in [(4096, 320, 320), (4096, 640, 1280), (1024, 1280, 5120)].into_iter().take(count) {
         let x = Tensor::from_f32(gpu, &[m, k], &randn(m * k, 1)).unwrap();
         let w32 = randn(n * k, 2);
-        for dt in DType::ALL {
+        for &dt in &types {
             let w = Tensor::from_f32_as(gpu, &[n, k], &w32, dt).unwrap();
-            block(gpu.sync()).unwrap();
             let _ = mm::linear(gpu, &x, &w, None).unwrap();
             block(gpu.sync()).unwrap();
-            let reps = 2;
-            let t0 = std::time::Instant::now();
-            for _ in 0..reps {
-                let _ = mm::linear(gpu, &x, &w, None).unwrap();
-            }
+            let (t0, c0) = (std::time::Instant::now(), cpu_seconds());
+            let _ = mm::linear(gpu, &x, &w, None).unwrap();
             block(gpu.sync()).unwrap();
-            let s = t0.elapsed().as_secs_f64() / reps as f64;
+            let (s, cpu) = (t0.elapsed().as_secs_f64(), cpu_seconds() - c0);
             let gflops = 2.0 * (m * k * n) as f64 / s / 1e9;
-            eprintln!("linear M={m} K={k} N={n} {dt}: {:.1} ms, {gflops:.1} GFLOP/s", s * 1e3);
+            eprintln!("linear M={m} K={k} N={n} {dt}: {:.0} ms ({gflops:.1} GFLOP/s), {cpu:.2} CPU s", s * 1e3);
         }
     }
 }

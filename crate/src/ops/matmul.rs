@@ -18,14 +18,14 @@ const SHADER: &str = "matmul.wgsl";
 pub static SHADERS: &[ShaderSource] = &[ShaderSource {
     name: SHADER,
     source: crate::wgsl!("matmul.wgsl"),
-    flag_axes: &[WEIGHT_AXIS, &["", "TRANS_B"], &["", "BIAS"]],
+    flag_axes: &[WEIGHT_AXIS, &["", "TRANS_B"], &["", "BIAS"], &["", "A_VEC4"]],
     values: &[("BM", "64u"), ("BN", "64u"), ("KT", "32u")],
     entries: &["matmul"],
     top_level: true,
 }];
 
-/// Output tile (`bm × bn`) and K slice (`kt`) of the kernel; each invocation computes 4×4
-/// outputs, so a workgroup has `(bm/4)·(bn/4)` invocations.
+/// Output tile (`bm × bn`) and K slice (`kt`) of the kernel; each invocation computes 8×8
+/// outputs, so a workgroup has `(bm/8)·(bn/8)` invocations.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct Tiles {
     pub bm: u32,
@@ -41,15 +41,8 @@ impl Tiles {
 
     /// The largest K slice of a 64×64 tile that fits the device's workgroup memory.
     pub fn for_caps(caps: &Caps) -> Tiles {
-        let inv = caps.max_invocations_per_workgroup.min(256);
-        // 64×64 needs 256 invocations; smaller devices get 32×64 (128) or 32×32 (64).
-        let (bm, bn) = if inv >= 256 {
-            (64, 64)
-        } else if inv >= 128 {
-            (32, 64)
-        } else {
-            (32, 32)
-        };
+        // 64×64 needs 64 invocations (every WebGPU device has them); 32×32 needs 16.
+        let (bm, bn) = if caps.max_invocations_per_workgroup >= 64 { (64, 64) } else { (32, 32) };
         let mut t = Tiles { bm, bn, kt: 32 };
         while t.kt > 4 && t.workgroup_bytes() > caps.max_workgroup_storage {
             t.kt /= 2;
@@ -58,13 +51,13 @@ impl Tiles {
     }
 
     fn valid(self) -> bool {
-        self.bm % 4 == 0
-            && self.bn % 4 == 0
+        self.bm % 8 == 0
+            && self.bn % 8 == 0
             && self.kt % 4 == 0
             && self.bm > 0
             && self.bn > 0
             && self.kt > 0
-            && (self.bm / 4) * (self.bn / 4) <= 256
+            && (self.bm / 8) * (self.bn / 8) <= 256
     }
 }
 
@@ -161,7 +154,8 @@ pub fn matmul_tiled(
             .value("BN", format!("{}u", tiles.bn))
             .value("KT", format!("{}u", tiles.kt))
             .flag_if("TRANS_B", opts.trans_b)
-            .flag_if("BIAS", opts.bias.is_some()),
+            .flag_if("BIAS", opts.bias.is_some())
+            .flag_if("A_VEC4", k % 4 == 0),
         b.dtype(),
     );
     let tiles_n = n.div_ceil(tiles.bn as usize);
