@@ -147,10 +147,10 @@ fn format_selftest(r: &SelfTestReport) -> String {
         r.families.join(", ")
     );
     w!(o);
-    w!(o, "{:<4} {:<20} {:<42} {:>10} {:>8} {:>8}", "", "op", "case", "nmse", "bound", "ms");
+    w!(o, "{:<4} {:<26} {:<44} {:>10} {:>8} {:>8}", "", "op", "case", "nmse", "bound", "ms");
     for c in &r.cases {
         w!(o, 
-            "{:<4} {:<20} {:<42} {:>10.2e} {:>8.0e} {:>8.1}",
+            "{:<4} {:<26} {:<44} {:>10.2e} {:>8.0e} {:>8.1}",
             if c.passed { "ok" } else { "FAIL" },
             c.op,
             c.case,
