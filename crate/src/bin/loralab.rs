@@ -11,6 +11,9 @@ loralab: Stable-Diffusion-class engine on WebGPU
 Usage:
   loralab info [--json] [--plain]       adapter, backend, driver, limits, features, engine state
   loralab selftest [--json] [--plain]   every kernel against its CPU reference (exit 1 on failure)
+  loralab bench kernels [--json] [--plain] [--quick] [--iters N] [--warmup N] [--filter TEXT]
+                                        GFLOP/s and GB/s of matmul (f32/f16/q8_0/q4_0), conv2d 3x3
+                                        and attention at Stable Diffusion 1.5 shapes
   loralab help                          this text
 
 Options:
@@ -196,10 +199,53 @@ fn run_selftest(args: &[String]) -> Result<ExitCode, String> {
     Ok(if r.passed { ExitCode::SUCCESS } else { ExitCode::from(1) })
 }
 
-// ---- benchmarks ---------------------------------------------------------------------------
-// `loralab bench` (kernel timings through `loralab::bench::run_kernels(&gpu, &opts)`) is wired
-// here once `crate/src/bench.rs` exists: parse its options, open the GPU, call it, print.
-// -------------------------------------------------------------------------------------------
+fn run_bench(args: &[String]) -> Result<ExitCode, String> {
+    let (what, rest) = match args.split_first() {
+        Some((w, r)) if !w.starts_with("--") => (w.as_str(), r),
+        _ => return Err("`loralab bench` needs a suite: `loralab bench kernels`".to_string()),
+    };
+    if what != "kernels" {
+        return Err(format!("`loralab bench {what}`: unknown suite (available: kernels)"));
+    }
+    let mut flags = Flags::default();
+    let mut opts = loralab::bench::BenchOptions::default();
+    let mut it = rest.iter();
+    while let Some(a) = it.next() {
+        let mut value = |name: &str| {
+            it.next().cloned().ok_or_else(|| format!("`loralab bench`: option `{name}` needs a value"))
+        };
+        match a.as_str() {
+            "--json" => flags.json = true,
+            "--plain" => flags.plain = true,
+            "--quick" => opts.quick = true,
+            "--iters" => {
+                let v = value("--iters")?;
+                opts.iters = v.parse().ok().filter(|n| *n > 0).ok_or_else(|| {
+                    format!("`loralab bench`: `--iters {v}`: expected a positive whole number")
+                })?;
+            }
+            "--warmup" => {
+                let v = value("--warmup")?;
+                opts.warmup = v.parse().map_err(|_| {
+                    format!("`loralab bench`: `--warmup {v}`: expected a whole number")
+                })?;
+            }
+            "--filter" => opts.filter = Some(value("--filter")?),
+            other => return Err(format!("`loralab bench`: unknown option `{other}`")),
+        }
+    }
+    let gpu = open(&flags)?;
+    let t0 = std::time::Instant::now();
+    let clock = move || t0.elapsed().as_secs_f64() * 1e3;
+    let report = pollster::block_on(loralab::bench::run_kernels(&gpu, &opts, &clock))
+        .map_err(|e| e.to_string())?;
+    if flags.json {
+        out(&(json(&report)? + "\n"));
+    } else {
+        out(&loralab::bench::format_table(&report));
+    }
+    Ok(ExitCode::SUCCESS)
+}
 
 /// Mesa's software Vulkan driver warns on every run without a valid `XDG_RUNTIME_DIR`: give it
 /// a private directory when none is set.
@@ -233,6 +279,7 @@ fn main() -> ExitCode {
     let result = match cmd {
         "info" => info(rest),
         "selftest" | "self-test" => run_selftest(rest),
+        "bench" => run_bench(rest),
         "help" | "--help" | "-h" => {
             out(USAGE);
             Ok(ExitCode::SUCCESS)
@@ -247,7 +294,7 @@ fn main() -> ExitCode {
         Err(msg) => {
             eprintln!("loralab: {msg}");
             // Bad options are usage errors (2); a missing GPU or failed run is 1.
-            if msg.contains("unknown option") {
+            if msg.contains("unknown option") || msg.contains("needs a") || msg.contains("expected a") || msg.contains("unknown suite") {
                 ExitCode::from(2)
             } else {
                 ExitCode::from(1)
