@@ -9,18 +9,9 @@ use loralab::{Gpu, GpuOptions};
 use std::sync::OnceLock;
 
 fn open(opts: GpuOptions) -> Gpu {
-    if std::env::var_os("XDG_RUNTIME_DIR").is_none() {
-        // Mesa warns without it; give it a private directory.
-        let dir = std::env::temp_dir().join("loralab-xdg");
-        let _ = std::fs::create_dir_all(&dir);
-        #[cfg(unix)]
-        {
-            use std::os::unix::fs::PermissionsExt;
-            let _ = std::fs::set_permissions(&dir, std::fs::Permissions::from_mode(0o700));
-        }
-        // SAFETY: set once, before any thread reads the environment (inside OnceLock init).
-        unsafe { std::env::set_var("XDG_RUNTIME_DIR", &dir) };
-    }
+    // SAFETY: runs inside a OnceLock initialiser before the device exists; the tests read no
+    // environment variables concurrently.
+    unsafe { loralab::gpu::ensure_xdg_runtime_dir() };
     pollster::block_on(Gpu::new(opts))
         .unwrap_or_else(|e| panic!("GPU tests need an adapter (install mesa-vulkan-drivers): {e}"))
 }

@@ -247,27 +247,9 @@ fn run_bench(args: &[String]) -> Result<ExitCode, String> {
     Ok(ExitCode::SUCCESS)
 }
 
-/// Mesa's software Vulkan driver warns on every run without a valid `XDG_RUNTIME_DIR`: give it
-/// a private directory when none is set.
-fn quiet_mesa() {
-    if std::env::var_os("XDG_RUNTIME_DIR").is_some() {
-        return;
-    }
-    let dir = std::env::temp_dir().join("loralab-xdg");
-    if std::fs::create_dir_all(&dir).is_err() {
-        return;
-    }
-    #[cfg(unix)]
-    {
-        use std::os::unix::fs::PermissionsExt;
-        let _ = std::fs::set_permissions(&dir, std::fs::Permissions::from_mode(0o700));
-    }
-    // SAFETY: called first thing in `main`, before any other thread exists.
-    unsafe { std::env::set_var("XDG_RUNTIME_DIR", &dir) };
-}
-
 fn main() -> ExitCode {
-    quiet_mesa();
+    // SAFETY: first thing in `main`, before any other thread exists.
+    unsafe { loralab::gpu::ensure_xdg_runtime_dir() };
     let args: Vec<String> = std::env::args().skip(1).collect();
     let (cmd, rest) = match args.split_first() {
         Some((c, r)) => (c.as_str(), r),

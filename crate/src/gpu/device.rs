@@ -52,6 +52,30 @@ pub(crate) struct Opened {
     pub adapter_features: wgpu::Features,
 }
 
+/// Mesa's drivers (lavapipe) warn on every start without a valid `XDG_RUNTIME_DIR`: points it at
+/// a private 0700 directory when it is unset.
+///
+/// # Safety
+/// Sets an environment variable: call it before other threads read the environment (first
+/// thing in `main`, or once inside a test's one-time set-up).
+#[cfg(not(target_arch = "wasm32"))]
+pub unsafe fn ensure_xdg_runtime_dir() {
+    if std::env::var_os("XDG_RUNTIME_DIR").is_some() {
+        return;
+    }
+    let dir = std::env::temp_dir().join("loralab-xdg");
+    if std::fs::create_dir_all(&dir).is_err() {
+        return;
+    }
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::PermissionsExt;
+        let _ = std::fs::set_permissions(&dir, std::fs::Permissions::from_mode(0o700));
+    }
+    // SAFETY: the caller guarantees no other thread reads the environment now.
+    unsafe { std::env::set_var("XDG_RUNTIME_DIR", &dir) };
+}
+
 fn instance() -> wgpu::Instance {
     #[cfg(target_arch = "wasm32")]
     {

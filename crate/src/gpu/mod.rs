@@ -10,6 +10,8 @@ pub mod pool;
 pub mod readback;
 
 pub use device::{AdapterSummary, Caps, GpuOptions};
+#[cfg(not(target_arch = "wasm32"))]
+pub use device::ensure_xdg_runtime_dir;
 pub use pipeline::PipelineKey;
 pub use pool::{GpuBuffer, PoolStats};
 
