@@ -45,10 +45,8 @@ pub fn randu(n: usize, lo: f32, hi: f32, seed: u64) -> Vec<f32> {
     Rng::new(seed).uniform_vec(n, lo, hi)
 }
 
-/// Named error bounds (normalised mean squared error), as ggml's test-backend-ops.
-pub const STRICT: f64 = 1e-10;
-pub const F32_BOUND: f64 = 1e-7;
-pub const TRANSCENDENTAL: f64 = 1e-6;
+/// Named error bounds (normalised mean squared error), shared with the self-test.
+pub use loralab::selftest::bounds::{F32 as F32_BOUND, STRICT, TRANSCENDENTAL};
 
 /// Asserts `nmse(got, want) <= bound`, printing the first differing elements otherwise.
 pub fn assert_nmse(what: &str, got: &[f32], want: &[f32], bound: f64) {
