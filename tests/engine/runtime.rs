@@ -96,6 +96,30 @@ fn a_broken_shader_is_an_error_not_stale_data() {
 }
 
 #[test]
+fn a_shader_that_fails_to_compile_is_a_shader_error() {
+    // A real kernel with an impossible tile (zero-sized workgroup): WGSL validation fails
+    // inside the pipeline build's error scope and comes back as Error::Shader naming the
+    // variant, and the device stays usable.
+    let gpu = block(loralab::Gpu::new(Default::default())).unwrap();
+    let defines = loralab::shader::Defines::new()
+        .value("HEAD_DIM", "40u")
+        .value("BQ", "0u")
+        .value("BK", "48u");
+    let x = Tensor::zeros(&gpu, &[4]).unwrap();
+    let r = gpu.dispatch("attention.wgsl", "attention", &defines, &[0, 0, 0, 0], &[(1, x.buffer())], [1, 1, 1]);
+    match r {
+        Err(Error::Shader { shader, defines, message, .. }) => {
+            assert_eq!(shader, "attention.wgsl");
+            assert!(defines.contains("BQ=0u"), "{defines}");
+            assert!(!message.is_empty());
+        }
+        other => panic!("expected a shader error, got {other:?}"),
+    }
+    let y = loralab::ops::elementwise::silu(&gpu, &x).unwrap();
+    assert_eq!(read(&gpu, &y), vec![0.0; 4]);
+}
+
+#[test]
 fn device_loss_is_reported() {
     // A private device, destroyed: every later call is an error, not a hang.
     let gpu = block(loralab::Gpu::new(Default::default())).unwrap();
