@@ -27,6 +27,10 @@ pub enum Error {
     Readback(String),
     /// A host-side argument is invalid (e.g. data length does not match the shape).
     Invalid(String),
+    /// Reading a file (or a byte range of one) failed.
+    Io { file: String, message: String },
+    /// A file's contents are malformed or unsupported; `tensor` names the entry when one is at fault.
+    Format { file: String, tensor: Option<String>, message: String },
 }
 
 pub type Result<T> = std::result::Result<T, Error>;
@@ -52,6 +56,9 @@ impl fmt::Display for Error {
             ),
             Error::Readback(m) => write!(f, "reading results from the GPU failed: {m}"),
             Error::Invalid(m) => write!(f, "invalid argument: {m}"),
+            Error::Io { file, message } => write!(f, "{file}: {message}"),
+            Error::Format { file, tensor: Some(t), message } => write!(f, "{file}: tensor `{t}`: {message}"),
+            Error::Format { file, tensor: None, message } => write!(f, "{file}: {message}"),
         }
     }
 }

@@ -5,6 +5,8 @@
 pub mod bench;
 pub mod error;
 pub mod gpu;
+pub mod io;
+pub mod model;
 pub mod ops;
 pub mod quant;
 pub mod rng;

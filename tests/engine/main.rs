@@ -11,4 +11,6 @@ mod matmul;
 mod norm;
 mod quantize;
 mod runtime;
+mod safetensors_io;
 mod shaders;
+mod tokenizer;
