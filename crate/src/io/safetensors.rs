@@ -56,7 +56,6 @@ impl TensorEntry {
 }
 
 /// An opened safetensors source: header parsed and validated, data not read.
-#[derive(Debug)]
 pub struct SafetensorsFile<R: RangeRead> {
     reader: R,
     name: String,
@@ -65,6 +64,17 @@ pub struct SafetensorsFile<R: RangeRead> {
     index: HashMap<String, usize>,
     metadata: BTreeMap<String, String>,
     data_start: u64,
+}
+
+impl<R: RangeRead> std::fmt::Debug for SafetensorsFile<R> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("SafetensorsFile")
+            .field("name", &self.name)
+            .field("len", &self.reader.len())
+            .field("tensors", &self.tensors.len())
+            .field("metadata", &self.metadata)
+            .finish()
+    }
 }
 
 #[derive(Deserialize)]
@@ -105,14 +115,11 @@ impl<R: RangeRead> SafetensorsFile<R> {
             )));
         }
         if header_len > MAX_HEADER_BYTES {
-            return Err(err(format!(
-                "header length {header_len} bytes exceeds the {MAX_HEADER_BYTES}-byte limit"
-            )));
+            return Err(err(format!("header length {header_len} bytes exceeds the {MAX_HEADER_BYTES}-byte limit")));
         }
         let mut header = vec![0u8; header_len as usize];
         read(&reader, &name, 8, &mut header)?;
-        let text = std::str::from_utf8(&header)
-            .map_err(|e| err(format!("header is not valid UTF-8: {e}")))?;
+        let text = std::str::from_utf8(&header).map_err(|e| err(format!("header is not valid UTF-8: {e}")))?;
         let json: serde_json::Value =
             serde_json::from_str(text).map_err(|e| err(format!("header is not valid JSON: {e}")))?;
         let serde_json::Value::Object(map) = json else {
@@ -137,7 +144,7 @@ impl<R: RangeRead> SafetensorsFile<R> {
             }
             tensors.push(parse_entry(&name, key, value, data_start, file_len)?);
         }
-        tensors.sort_by(|a, b| (a.start, a.end).cmp(&(b.start, b.end)));
+        tensors.sort_by_key(|t| (t.start, t.end));
         for pair in tensors.windows(2) {
             let (a, b) = (&pair[0], &pair[1]);
             if b.start < a.end {

@@ -172,9 +172,9 @@ impl ClipTokenizer {
 
     /// Sets the padding token (must be in the vocabulary).
     pub fn with_pad_token(mut self, token: &str) -> Result<Self> {
-        self.pad = self.token_id(token).ok_or_else(|| {
-            format_err("tokenizer config", format!("pad token `{token}` is not in the vocabulary"))
-        })?;
+        self.pad = self
+            .token_id(token)
+            .ok_or_else(|| format_err("tokenizer config", format!("pad token `{token}` is not in the vocabulary")))?;
         Ok(self)
     }
 
@@ -378,14 +378,10 @@ pub fn bytes_to_unicode() -> [char; 256] {
 /// `¡`..`¬`, `®`..`ÿ`), then the other bytes as U+0100 onwards; ids 0..256 of the vocabulary.
 fn byte_order() -> Vec<(u8, char)> {
     let printable = |b: u32| (33..=126).contains(&b) || (161..=172).contains(&b) || (174..=255).contains(&b);
-    let mut order: Vec<(u8, char)> = (0..256u32)
-        .filter(|&b| printable(b))
-        .map(|b| (b as u8, char::from_u32(b).unwrap_or('?')))
-        .collect();
-    let mut n = 0;
-    for b in (0..256u32).filter(|&b| !printable(b)) {
-        order.push((b as u8, char::from_u32(256 + n).unwrap_or('?')));
-        n += 1;
+    let mut order: Vec<(u8, char)> =
+        (0..256u32).filter(|&b| printable(b)).map(|b| (b as u8, char::from_u32(b).unwrap_or('?'))).collect();
+    for (n, b) in (0..256u32).filter(|&b| !printable(b)).enumerate() {
+        order.push((b as u8, char::from_u32(256 + n as u32).unwrap_or('?')));
     }
     order
 }
