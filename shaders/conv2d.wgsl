@@ -1,16 +1,15 @@
 // 2-D convolution (PyTorch nn.Conv2d: zero padding, no dilation, one group) as an implicit GEMM:
 //   y[b, co, oy, ox] = bias[co] + sum_{ci, ky, kx} w[co, ci, ky, kx] * x[b, ci, iy, ix]
 //   iy = oy*stride + ky - pad, ix = ox*stride + kx - pad (x is zero outside the image).
-// GEMM view: C[co, n] = sum_k W[co, k] * X[k, n] over n = (b, oy, ox) and k = (ci, ky, kx).
-// W is the [Cout, Cin*kh*kw] weight matrix read through common/weights.wgsl (dequantized while
-// the tile is loaded); X is gathered im2col-style from the image while its tile is loaded.
-//
-// One workgroup computes a BM x BN tile of C (BM = WG_M*TM output channels, BN = WG_N*TN output
-// pixels), walking K in steps of BK through two tiles in workgroup memory; each invocation keeps
-// a TM x TN block of accumulators (rows ty + i*WG_M, columns tx + j*WG_N).
-// Valued defines: WG_M, WG_N, TM, TN, BK, and the kernel size KH, KW (constants, so decoding
-// k = (ci, ky, kx) divides by constants). The host guarantees (WG_M*WG_N) % BN == 0 and
-// (BK*BN) % (WG_M*WG_N) == 0 (each invocation gathers whole rows of one input-tile column).
+// GEMM view: C[co, n] = sum_k W[co, k] * X[k, n] over n = (b, oy, ox) and k = (ci, ky, kx),
+// computed by the register-blocked core of common/gemm.wgsl (BM output channels × BN output
+// pixels per workgroup, an 8×8 block per invocation, K in slices of KT):
+// - A = W, the [Cout, Cin*kh*kw] weight matrix, read four consecutive k at a time through
+//   common/weights.wgsl (w_at4, dequantized while the slice is staged);
+// - B = X, gathered im2col-style from the image four consecutive pixels of one k at a time;
+// - the epilogue writes four consecutive pixels of one channel, plus bias[co].
+// Valued defines: BM, BN (multiples of 8, (BM/8)·(BN/8) <= 256), KT (multiple of 4), and the
+// kernel size KH, KW (constants, so decoding k = (ci, ky, kx) divides by constants).
 // Flags: one weight type (W_F32 | W_F16 | W_Q8_0+W_QUANT | W_Q4_0+W_QUANT); BIAS.
 
 struct Params {
@@ -24,7 +23,7 @@ struct Params {
     pad: u32,
     k: u32,        // cin*kh*kw (columns of W)
     n: u32,        // batch*ho*wo (columns of C)
-    m_tiles: u32,  // workgroup tiles along cout
+    m_tiles: u32,  // workgroup tiles along cout (ceil(Cout / BM))
 }
 
 @group(0) @binding(0) var<uniform> p: Params;
@@ -43,110 +42,134 @@ struct Params {
 @group(0) @binding(5) var<storage, read_write> y: array<f32>;    // (B, Cout, Ho, Wo)
 
 #include "common/weights.wgsl"
+#include "common/gemm.wgsl"
 
-const NT: u32 = WG_M * WG_N;  // invocations per workgroup
-const BM: u32 = WG_M * TM;    // output channels per tile
-const BN: u32 = WG_N * TN;    // output pixels per tile
+// When WG is a multiple of TN, every invocation gathers the same pixel quad in every slice, so
+// it is decoded once.
+const QUAD_FIXED: bool = (WG % TN) == 0u;
 
-var<workgroup> wt: array<f32, BK * BM>;  // (BK, BM) weight tile, k-major
-var<workgroup> xt: array<f32, BK * BN>;  // (BK, BN) gathered input tile, k-major
+// Four consecutive output pixels n .. n+3 located in the input: `base` is the element offset
+// of the pixel's input image, (iy0, ix0) the top-left of its window. Pixels past N get a
+// window far outside the image, so every tap reads as padding.
+struct Quad {
+    base: vec4<u32>,
+    iy0: vec4<i32>,
+    ix0: vec4<i32>,
+}
 
-@compute @workgroup_size(NT)
+fn quad_at(n: u32) -> Quad {
+    let pix = vec4<u32>(n) + vec4<u32>(0u, 1u, 2u, 3u);
+    let howo = p.ho * p.wo;
+    let q = pix % howo;
+    let oy = q / p.wo;
+    let ox = q - oy * p.wo;
+    let iy0 = vec4<i32>(oy * p.stride) - i32(p.pad);
+    let ix0 = vec4<i32>(ox * p.stride) - i32(p.pad);
+    let outside = vec4<i32>(-0x40000000);
+    let ok = pix < vec4<u32>(p.n);
+    return Quad((pix / howo) * (p.cin * p.h * p.w), select(outside, iy0, ok), ix0);
+}
+
+// Input values of reduction index k for the four pixels of `qd` (0 in the padding, past K).
+fn gather4(qd: Quad, k: u32) -> vec4<f32> {
+    if (k >= p.k) {
+        return vec4<f32>(0.0);
+    }
+    let ci = k / (KH * KW);
+    let r = k - ci * (KH * KW);
+    let ky = r / KW;
+    let kx = r - ky * KW;
+    let iy = qd.iy0 + i32(ky);
+    let ix = qd.ix0 + i32(kx);
+    let ok = (vec4<u32>(iy) < vec4<u32>(p.h)) & (vec4<u32>(ix) < vec4<u32>(p.w));
+    // Taps in the padding read element 0 (always in bounds) and are then zeroed.
+    let e = select(vec4<u32>(0u), qd.base + ci * (p.h * p.w) + vec4<u32>(iy) * p.w + vec4<u32>(ix), ok);
+    return select(vec4<f32>(0.0), vec4<f32>(x[e.x], x[e.y], x[e.z], x[e.w]), ok);
+}
+
+// Writes acc (+ bias) to channel co, pixels n .. n+3 (offsets `offs` within channel 0),
+// skipping channels past Cout and pixels past N.
+fn store4(co: u32, n: u32, offs: vec4<u32>, acc: vec4<f32>) {
+    if (co >= p.cout) {
+        return;
+    }
+    var v = acc;
+#ifdef BIAS
+    v += bias[co];
+#endif
+    let e = offs + co * (p.ho * p.wo);
+    for (var j = 0u; j < 4u; j++) {
+        if (n + j < p.n) {
+            y[e[j]] = v[j];
+        }
+    }
+}
+
+// Offsets in y of channel 0 for pixels n .. n+3.
+fn out4(n: u32) -> vec4<u32> {
+    let howo = p.ho * p.wo;
+    let pix = vec4<u32>(n) + vec4<u32>(0u, 1u, 2u, 3u);
+    return (pix / howo) * (p.cout * howo) + pix % howo;
+}
+
+@compute @workgroup_size(WG)
 fn conv2d(@builtin(workgroup_id) wg: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>,
           @builtin(local_invocation_index) lid: u32) {
     let tile = wg.x + wg.y * nwg.x;
     let m0 = (tile % p.m_tiles) * BM;
     let n0 = (tile / p.m_tiles) * BN;
-    let tx = lid % WG_N;
-    // Constant 0 when WG_M is 1, so the weight-tile reads are visibly uniform (one load
-    // broadcast to every lane on SIMD CPU drivers such as lavapipe).
-    let ty = select(lid / WG_N, 0u, WG_M == 1u);
-    
-    let hw = p.h * p.w;
-    let howo = p.ho * p.wo;
-
-    // Input loader: this invocation always fills column xn of the input tile (rows
-    // xk0 + s*(NT/BN)), so the pixel's position is decoded once.
-    let xn = lid % BN;
-    let xk0 = lid / BN;
-    let pix = n0 + xn;
-    let pix_ok = pix < p.n;
-    let b = pix / howo;
-    let q = pix % howo;
-    let iy0 = i32((q / p.wo) * p.stride) - i32(p.pad);
-    let ix0 = i32((q % p.wo) * p.stride) - i32(p.pad);
-    let xbase = b * p.cin * hw;
-
-    var acc: array<f32, TM * TN>;
-    for (var i = 0u; i < TM * TN; i++) {
-        acc[i] = 0.0;
+    if (n0 >= p.n) {
+        return;
     }
+    let tx = gemm_tx(lid); // pixels n0 + 8·tx ..
+    let ty = gemm_ty(lid); // channels m0 + 8·ty ..
+    let my_quad = quad_at(n0 + 4u * (lid % TN));
 
-    for (var k0 = 0u; k0 < p.k; k0 += BK) {
-        // Weight tile, dequantized on load; zero past K or Cout.
-        for (var e = lid; e < BM * BK; e += NT) {
-            let m = e / BK;
-            let kc = k0 + e % BK;
-            let co = m0 + m;
-            var v = 0.0;
-            if (co < p.cout && kc < p.k) {
-                v = w_at(co, kc, p.k);
+    // acc[2i + h]: channel 8·ty + i, pixels 8·tx + 4h .. +3 (common/gemm.wgsl).
+    var acc = array<vec4<f32>, 16>();
+
+    for (var k0 = 0u; k0 < p.k; k0 += KT) {
+        // Stage W (BM channels × KT), dequantizing; zero past Cout or K.
+        for (var i = lid; i < BM * KC; i += WG) {
+            let mm = i / KC;
+            let kk = (i % KC) * 4u;
+            var v = vec4<f32>(0.0);
+            if (m0 + mm < p.cout) {
+                v = w_at4(m0 + mm, k0 + kk, p.k);
             }
-            wt[(e % BK) * BM + m] = v;
+            stage_a_k4(mm, kk, v);
         }
-        // Input tile, gathered from the image; zero in the padding and past K or N.
-        for (var s = 0u; s < BK * BN / NT; s++) {
-            let kr = xk0 + s * (NT / BN);
-            let k = k0 + kr;
-            var v = 0.0;
-            if (pix_ok && k < p.k) {
-                let ci = k / (KH * KW);
-                let r = k - ci * (KH * KW);
-                let ky = r / KW;
-                let iy = iy0 + i32(ky);
-                let ix = ix0 + i32(r - ky * KW);
-                if (u32(iy) < p.h && u32(ix) < p.w) {
-                    v = x[xbase + ci * hw + u32(iy) * p.w + u32(ix)];
-                }
+        // Stage X (KT × BN quads), gathered from the image.
+        for (var i = lid; i < KT * TN; i += WG) {
+            var qd = my_quad;
+            if (!QUAD_FIXED) {
+                qd = quad_at(n0 + 4u * (i % TN));
             }
-            xt[kr * BN + xn] = v;
+            stage_b_n4(i / TN, i % TN, gather4(qd, k0 + i / TN));
         }
         workgroupBarrier();
-
-        for (var kk = 0u; kk < BK; kk++) {
-            var a: array<f32, TM>;
-            var c: array<f32, TN>;
-            for (var i = 0u; i < TM; i++) {
-                a[i] = wt[kk * BM + ty + i * WG_M];
-            }
-            for (var j = 0u; j < TN; j++) {
-                c[j] = xt[kk * BN + tx + j * WG_N];
-            }
-            for (var i = 0u; i < TM; i++) {
-                for (var j = 0u; j < TN; j++) {
-                    acc[i * TN + j] = fma(a[i], c[j], acc[i * TN + j]);
-                }
-            }
-        }
+        gemm_slice(&acc, tx, ty);
         workgroupBarrier();
     }
 
-    for (var j = 0u; j < TN; j++) {
-        let n = n0 + tx + j * WG_N;
-        if (n >= p.n) {
-            continue;
-        }
-        let ob = (n / howo) * p.cout;
-        let oq = n % howo;
-        for (var i = 0u; i < TM; i++) {
-            let co = m0 + ty + i * WG_M;
-            if (co < p.cout) {
-                var v = acc[i * TN + j];
-#ifdef BIAS
-                v += bias[co];
-#endif
-                y[(ob + co) * howo + oq] = v;
-            }
-        }
-    }
+    let co = m0 + ty * 8u;
+    let n = n0 + tx * 8u;
+    let out0 = out4(n);
+    let out1 = out4(n + 4u);
+    store4(co, n, out0, acc[0]);
+    store4(co, n + 4u, out1, acc[1]);
+    store4(co + 1u, n, out0, acc[2]);
+    store4(co + 1u, n + 4u, out1, acc[3]);
+    store4(co + 2u, n, out0, acc[4]);
+    store4(co + 2u, n + 4u, out1, acc[5]);
+    store4(co + 3u, n, out0, acc[6]);
+    store4(co + 3u, n + 4u, out1, acc[7]);
+    store4(co + 4u, n, out0, acc[8]);
+    store4(co + 4u, n + 4u, out1, acc[9]);
+    store4(co + 5u, n, out0, acc[10]);
+    store4(co + 5u, n + 4u, out1, acc[11]);
+    store4(co + 6u, n, out0, acc[12]);
+    store4(co + 6u, n + 4u, out1, acc[13]);
+    store4(co + 7u, n, out0, acc[14]);
+    store4(co + 7u, n + 4u, out1, acc[15]);
 }

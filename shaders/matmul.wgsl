@@ -7,7 +7,7 @@
 //   C: (batch, M, N) f32. BIAS adds bias[n] in the epilogue.
 // One workgroup computes a BM×BN tile of C, stepping over K in slices of KT: the A slice and
 // the (dequantized) B slice are staged in workgroup memory, then each invocation accumulates an
-// 8×8 block of C in registers (64 multiply-adds per four vec4 reads of workgroup memory).
+// 8×8 block of C in registers (the GEMM core in common/gemm.wgsl, shared with conv2d.wgsl).
 // Weights are dequantized while staging, four values per load. A_VEC4 (K a multiple of 4)
 // reads A four values at a time.
 // Valued defines: BM, BN (multiples of 8, (BM/8)·(BN/8) <= 256), KT (multiple of 4).
@@ -43,55 +43,7 @@ struct Params {
 @group(0) @binding(5) var<storage, read_write> c: array<f32>;        // (batch, M, N)
 
 #include "common/weights.wgsl"
-
-const TM = BM / 4u;          // vec4 slots along M
-const TN = BN / 4u;          // vec4 slots along N
-const WG = (BM / 8u) * (BN / 8u);
-const KC = KT / 4u;          // 4-value chunks along one K slice
-
-var<workgroup> a_tile: array<vec4<f32>, KT * TM>;  // (KT, BM): a_tile[k * TM + m / 4][m % 4]
-var<workgroup> b_tile: array<vec4<f32>, KT * TN>;  // (KT, BN): b_tile[k * TN + n / 4][n % 4]
-
-// Weight values (row, col .. col+3) of a matrix with `cols` values per row; 0 past the row's
-// end. `col` is a multiple of 4, so a q8_0 chunk is one whole word, a q4_0 chunk half a word
-// and both lie in one scale block.
-fn w_at4(row: u32, col: u32, cols: u32) -> vec4<f32> {
-    if (col + 4u > cols) {
-        var v = vec4<f32>(0.0);
-        for (var j = 0u; j < 4u; j++) {
-            if (col + j < cols) {
-                v[j] = w_at(row, col + j, cols);
-            }
-        }
-        return v;
-    }
-#ifdef W_F32
-    let e = row * cols + col;
-    return vec4<f32>(w[e], w[e + 1u], w[e + 2u], w[e + 3u]);
-#endif
-#ifdef W_F16
-    let e = row * cols + col;
-    if ((e & 1u) == 1u) {
-        // Odd row length: the chunk straddles words.
-        return vec4<f32>(w_at(row, col, cols), w_at(row, col + 1u, cols),
-                         w_at(row, col + 2u, cols), w_at(row, col + 3u, cols));
-    }
-    return vec4<f32>(unpack2x16float(w[e >> 1u]), unpack2x16float(w[(e >> 1u) + 1u]));
-#endif
-#ifdef W_Q8_0
-    let e = row * w_padded(cols) + col;
-    let q = vec4<i32>(bitcast<i32>(w[e >> 2u]));
-    // Sign-extend each byte: move it to the top, then shift back arithmetically.
-    let s = (q << vec4<u32>(24u, 16u, 8u, 0u)) >> vec4<u32>(24u);
-    return vec4<f32>(s) * w_scale(e >> 5u);
-#endif
-#ifdef W_Q4_0
-    let e = row * w_padded(cols) + col;
-    let h = w[e >> 3u] >> (4u * (e & 4u));
-    let q = (vec4<u32>(h) >> vec4<u32>(0u, 4u, 8u, 12u)) & vec4<u32>(15u);
-    return (vec4<f32>(q) - 8.0) * w_scale(e >> 5u);
-#endif
-}
+#include "common/gemm.wgsl"
 
 // A values (row, col .. col+3) of the batch matrix starting at `base`; 0 outside (M, K).
 fn a_at4(base: u32, row: u32, col: u32) -> vec4<f32> {
@@ -154,11 +106,10 @@ fn matmul(@builtin(workgroup_id) wg: vec3<u32>, @builtin(num_workgroups) nwg: ve
     let bat = tile / (p.tiles_n * p.tiles_m);
     let a_base = bat * p.m * p.k;
     let w_row0 = bat * p.b_rows;
-    let tx = lid % (BN / 8u); // columns n0 + 8·tx ..
-    let ty = lid / (BN / 8u); // rows m0 + 8·ty ..
+    let tx = gemm_tx(lid); // columns n0 + 8·tx ..
+    let ty = gemm_ty(lid); // rows m0 + 8·ty ..
 
-    // acc[2i + h]: row 8·ty + i, columns 8·tx + 4h .. +3.
-    // Indexed only by constants, so it stays in registers.
+    // acc[2i + h]: row 8·ty + i, columns 8·tx + 4h .. +3 (common/gemm.wgsl).
     var acc = array<vec4<f32>, 16>();
 
     let steps = (p.k + KT - 1u) / KT;
@@ -168,13 +119,7 @@ fn matmul(@builtin(workgroup_id) wg: vec3<u32>, @builtin(num_workgroups) nwg: ve
         for (var i = lid; i < BM * KC; i += WG) {
             let mm = i / KC;
             let kk = (i % KC) * 4u;
-            let v = a_at4(a_base, m0 + mm, k0 + kk);
-            let slot = kk * TM + mm / 4u;
-            let lane = mm % 4u;
-            a_tile[slot][lane] = v.x;
-            a_tile[slot + TM][lane] = v.y;
-            a_tile[slot + 2u * TM][lane] = v.z;
-            a_tile[slot + 3u * TM][lane] = v.w;
+            stage_a_k4(mm, kk, a_at4(a_base, m0 + mm, k0 + kk));
         }
         // Stage B (KT × BN), dequantizing.
 #ifdef TRANS_B
@@ -186,12 +131,7 @@ fn matmul(@builtin(workgroup_id) wg: vec3<u32>, @builtin(num_workgroups) nwg: ve
             if (n0 + nn < p.n) {
                 v = w_at4(w_row0 + n0 + nn, k0 + kk, p.k);
             }
-            let slot = kk * TN + nn / 4u;
-            let lane = nn % 4u;
-            b_tile[slot][lane] = v.x;
-            b_tile[slot + TN][lane] = v.y;
-            b_tile[slot + 2u * TN][lane] = v.z;
-            b_tile[slot + 3u * TN][lane] = v.w;
+            stage_b_k4(nn, kk, v);
         }
 #else
         // Weight rows are k: read 4 consecutive n of one k.
@@ -202,32 +142,11 @@ fn matmul(@builtin(workgroup_id) wg: vec3<u32>, @builtin(num_workgroups) nwg: ve
             if (k0 + kk < p.k) {
                 v = w_at4(w_row0 + k0 + kk, n0 + nn, p.n);
             }
-            b_tile[i] = v;
+            stage_b_n4(kk, i % TN, v);
         }
 #endif
         workgroupBarrier();
-        for (var kk = 0u; kk < KT; kk++) {
-            let a0 = a_tile[kk * TM + 2u * ty];
-            let a1 = a_tile[kk * TM + 2u * ty + 1u];
-            let b0 = b_tile[kk * TN + 2u * tx];
-            let b1 = b_tile[kk * TN + 2u * tx + 1u];
-            acc[0] += a0.x * b0;
-            acc[1] += a0.x * b1;
-            acc[2] += a0.y * b0;
-            acc[3] += a0.y * b1;
-            acc[4] += a0.z * b0;
-            acc[5] += a0.z * b1;
-            acc[6] += a0.w * b0;
-            acc[7] += a0.w * b1;
-            acc[8] += a1.x * b0;
-            acc[9] += a1.x * b1;
-            acc[10] += a1.y * b0;
-            acc[11] += a1.y * b1;
-            acc[12] += a1.z * b0;
-            acc[13] += a1.z * b1;
-            acc[14] += a1.w * b0;
-            acc[15] += a1.w * b1;
-        }
+        gemm_slice(&acc, tx, ty);
         workgroupBarrier();
     }
 

@@ -38,14 +38,24 @@ macro_rules! wgsl {
 }
 
 /// Shared WGSL pieces that kernels `#include`.
-pub static COMMON: &[ShaderSource] = &[ShaderSource {
-    name: "common/weights.wgsl",
-    source: wgsl!("common/weights.wgsl"),
-    flag_axes: &[],
-    values: &[],
-    entries: &[],
-    top_level: false,
-}];
+pub static COMMON: &[ShaderSource] = &[
+    ShaderSource {
+        name: "common/weights.wgsl",
+        source: wgsl!("common/weights.wgsl"),
+        flag_axes: &[],
+        values: &[],
+        entries: &[],
+        top_level: false,
+    },
+    ShaderSource {
+        name: "common/gemm.wgsl",
+        source: wgsl!("common/gemm.wgsl"),
+        flag_axes: &[],
+        values: &[],
+        entries: &[],
+        top_level: false,
+    },
+];
 
 /// The weight storage axis of kernels that read weights through `common/weights.wgsl`.
 pub const WEIGHT_AXIS: &[&str] = &["W_F32", "W_F16", "W_Q8_0+W_QUANT", "W_Q4_0+W_QUANT"];

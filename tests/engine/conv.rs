@@ -85,9 +85,10 @@ fn conv2d_every_tiling_is_correct() {
     let gpu = gpu();
     let caps = gpu.caps();
     let mut tilings: Vec<Tiles> = [1, 4, 16, 32, 64, 320].iter().map(|&c| Tiles::choose(caps, c)).collect();
-    tilings.push(Tiles { wg_m: 8, wg_n: 8, tm: 4, tn: 4, bk: 8 });
-    tilings.push(Tiles { wg_m: 16, wg_n: 16, tm: 4, tn: 4, bk: 16 });
-    tilings.push(Tiles { wg_m: 16, wg_n: 16, tm: 2, tn: 2, bk: 8 });
+    tilings.push(Tiles { bm: 32, bn: 32, kt: 8 }); // 16 invocations
+    tilings.push(Tiles { bm: 128, bn: 128, kt: 16 }); // 256 invocations
+    tilings.push(Tiles { bm: 8, bn: 64, kt: 4 }); // pixel quads re-decoded per slice row
+    tilings.push(Tiles { bm: 64, bn: 8, kt: 12 }); // K slice not a power of two
     tilings.dedup();
     for t in tilings {
         assert!(t.is_valid() && t.workgroup_bytes() <= caps.max_workgroup_storage as usize, "{t:?}");
@@ -172,7 +173,8 @@ fn conv2d_shape_errors() {
 }
 
 /// `cargo test -p loralab --test engine conv2d_speed -- --ignored --nocapture`
-/// (LORALAB_CONV_TILES="wg_m,wg_n,tm,tn,bk;..." to time other tilings, LORALAB_CONV_DTYPES="f32,q8_0").
+/// (LORALAB_CONV_TILES="bm,bn,kt;..." to time other tilings, LORALAB_CONV_DTYPES="f32,q8_0",
+/// LORALAB_CONV_REPS=n to average n runs).
 #[test]
 #[ignore]
 fn conv2d_speed() {
@@ -189,7 +191,7 @@ fn conv2d_speed() {
             .split(';')
             .map(|t| {
                 let v: Vec<usize> = t.split(',').map(|n| n.trim().parse().unwrap()).collect();
-                Tiles { wg_m: v[0], wg_n: v[1], tm: v[2], tn: v[3], bk: v[4] }
+                Tiles { bm: v[0], bn: v[1], kt: v[2] }
             })
             .collect(),
         Err(_) => vec![Tiles::choose(gpu.caps(), cout)],
@@ -202,10 +204,13 @@ fn conv2d_speed() {
         let w = Tensor::from_f32_as(gpu, &[cout, cin, 3, 3], &wv, dt).unwrap();
         for &t in &tilings {
             read(gpu, &conv2d_with(gpu, &x, &w, Some(&b), p, t).unwrap()); // compile, warm up
+            let reps: usize = std::env::var("LORALAB_CONV_REPS").map_or(1, |r| r.parse().unwrap());
             let start = std::time::Instant::now();
-            let _ = conv2d_with(gpu, &x, &w, Some(&b), p, t).unwrap();
+            for _ in 0..reps {
+                let _ = conv2d_with(gpu, &x, &w, Some(&b), p, t).unwrap();
+            }
             block(gpu.sync()).unwrap();
-            let s = start.elapsed().as_secs_f64();
+            let s = start.elapsed().as_secs_f64() / reps as f64;
             eprintln!(
                 "conv2d 64x64x320->320 3x3 {dt} {t:?}: {:.0} ms, {:.2} GFLOP/s",
                 s * 1e3,

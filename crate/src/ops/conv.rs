@@ -17,15 +17,7 @@ pub static SHADERS: &[ShaderSource] = &[ShaderSource {
     name: SHADER,
     source: crate::wgsl!("conv2d.wgsl"),
     flag_axes: &[WEIGHT_AXIS, &["", "BIAS"]],
-    values: &[
-        ("WG_M", "16u"),
-        ("WG_N", "16u"),
-        ("TM", "4u"),
-        ("TN", "4u"),
-        ("BK", "16u"),
-        ("KH", "3u"),
-        ("KW", "3u"),
-    ],
+    values: &[("BM", "64u"), ("BN", "64u"), ("KT", "32u"), ("KH", "3u"), ("KW", "3u")],
     entries: &["conv2d"],
     top_level: true,
 }];
@@ -43,70 +35,64 @@ impl Default for Conv2dParams {
     }
 }
 
-/// Workgroup tiling of the implicit GEMM: `wg_m × wg_n` invocations, each computing a
-/// `tm × tn` block, so one workgroup covers `wg_m·tm` output channels by `wg_n·tn` output
-/// pixels and walks the reduction in steps of `bk`.
+/// Workgroup tiling of the implicit GEMM (the core of `shaders/common/gemm.wgsl`, shared with
+/// matmul): one workgroup covers `bm` output channels by `bn` output pixels and walks the
+/// reduction in slices of `kt`; each invocation computes an 8×8 block, so a workgroup has
+/// `(bm/8)·(bn/8)` invocations.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct Tiles {
-    pub wg_m: usize,
-    pub wg_n: usize,
-    pub tm: usize,
-    pub tn: usize,
-    pub bk: usize,
+    pub bm: usize,
+    pub bn: usize,
+    pub kt: usize,
 }
 
 impl Tiles {
-    pub fn bm(&self) -> usize {
-        self.wg_m * self.tm
-    }
-    pub fn bn(&self) -> usize {
-        self.wg_n * self.tn
-    }
     pub fn invocations(&self) -> usize {
-        self.wg_m * self.wg_n
+        (self.bm / 8) * (self.bn / 8)
     }
     /// Bytes of workgroup memory (both tiles, f32).
     pub fn workgroup_bytes(&self) -> usize {
-        self.bk * (self.bm() + self.bn()) * 4
+        self.kt * (self.bm + self.bn) * 4
     }
-    /// The conditions the shader's loaders rely on.
+    /// The conditions the shader relies on.
     pub fn is_valid(&self) -> bool {
-        let nt = self.invocations();
-        nt > 0 && self.bk > 0 && nt % self.bn() == 0 && (self.bk * self.bn()) % nt == 0
+        self.bm > 0
+            && self.bn > 0
+            && self.kt > 0
+            && self.bm % 8 == 0
+            && self.bn % 8 == 0
+            && self.kt % 4 == 0
+            && self.invocations() <= 256
     }
 
     /// Tiles for `cout` output channels on a device with `caps`: a narrow channel tile when
-    /// there are few channels (conv_out, the VAE's last conv), the deepest reduction step the
-    /// workgroup memory allows (<= 32). Every choice has at most 256 invocations.
+    /// there are few channels (conv_out, the VAE's last conv), otherwise 64×64 like matmul,
+    /// with the deepest reduction slice (<= 32) the workgroup memory allows. Every choice has
+    /// at most 64 invocations (16 on devices with fewer than 64).
     pub fn choose(caps: &Caps, cout: usize) -> Tiles {
-        let max_inv = caps.max_invocations_per_workgroup.max(64) as usize;
-        let mut t = if max_inv < 256 {
-            Tiles { wg_m: 8, wg_n: 8, tm: 4, tn: 4, bk: 8 }
-        } else if cout <= 4 {
-            Tiles { wg_m: 4, wg_n: 64, tm: 1, tn: 4, bk: 8 }
+        let (bm, bn) = if caps.max_invocations_per_workgroup < 64 {
+            (32, 32)
+        } else if cout <= 8 {
+            (8, 256)
         } else if cout <= 16 {
-            Tiles { wg_m: 4, wg_n: 64, tm: 4, tn: 4, bk: 8 }
+            (16, 128)
         } else if cout <= 32 {
-            Tiles { wg_m: 8, wg_n: 32, tm: 4, tn: 4, bk: 8 }
+            (32, 128)
         } else {
-            // 128 invocations with 8x4 blocks: on lavapipe (every memory access a loop over
-            // the SIMD lanes) the larger block beat 256 invocations with 4x4 blocks.
-            Tiles { wg_m: 8, wg_n: 16, tm: 8, tn: 4, bk: 8 }
+            (64, 64)
         };
-        let limit = caps.max_workgroup_storage as usize;
-        while t.bk < 32 && (Tiles { bk: t.bk * 2, ..t }).workgroup_bytes() <= limit {
-            t.bk *= 2;
+        let mut t = Tiles { bm, bn, kt: 32 };
+        while t.kt > 4 && t.workgroup_bytes() > caps.max_workgroup_storage as usize {
+            t.kt /= 2;
         }
         t
     }
 
     fn defines(&self) -> Defines {
         Defines::new()
-            .value("WG_M", format!("{}u", self.wg_m))
-            .value("WG_N", format!("{}u", self.wg_n))
-            .value("TM", format!("{}u", self.tm))
-            .value("TN", format!("{}u", self.tn))
-            .value("BK", format!("{}u", self.bk))
+            .value("BM", format!("{}u", self.bm))
+            .value("BN", format!("{}u", self.bn))
+            .value("KT", format!("{}u", self.kt))
     }
 }
 
@@ -197,8 +183,8 @@ pub fn conv2d_with(
     let k = cin * kh * kw;
     let n = out[0] * ho * wo;
     let y = Tensor::empty(gpu, &out)?;
-    let m_tiles = cout.div_ceil(tiles.bm());
-    let n_tiles = n.div_ceil(tiles.bn());
+    let m_tiles = cout.div_ceil(tiles.bm);
+    let n_tiles = n.div_ceil(tiles.bn);
     let groups = u32::try_from(m_tiles * n_tiles).map_err(|_| {
         shape_err("conv2d", format!("input {xs:?} with weight {ws:?} needs too many workgroups"))
     })?;
