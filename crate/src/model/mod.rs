@@ -2,5 +2,7 @@
 //! counterparts.
 
 pub mod tokenizer;
+pub mod weights;
 
 pub use tokenizer::ClipTokenizer;
+pub use weights::{SafetensorsSource, WeightPolicy, WeightSource};
