@@ -1,7 +1,8 @@
 //! Kernel benchmarks at Stable Diffusion 1.5 shapes (`loralab bench kernels`).
 //!
-//! Each case runs `warmup` times, then `iters` times with a full GPU sync after each run;
-//! the median wall time gives GFLOP/s (2 flops per multiply-add) and, where the kernel is
+//! Each case runs `warmup` times, then `iters` timed samples; a sample records one run, or for
+//! fast kernels as many runs as fill 25 ms, and waits for the GPU once. The median time per run
+//! gives GFLOP/s (2 flops per multiply-add) and, where the kernel is
 //! memory-bound in practice, GB/s of the bytes it must read and write at least once.
 //! The clock is passed in so the same code runs natively and in a browser.
 
@@ -33,7 +34,11 @@ pub struct BenchResult {
     pub kernel: String,
     pub shape: String,
     pub weights: String,
-    pub runs: usize,
+    /// Timed samples (the median / min / max are over these).
+    pub samples: usize,
+    /// Runs recorded back to back in each sample (more for fast kernels).
+    pub runs_per_sample: usize,
+    /// Milliseconds per run.
     pub ms_median: f64,
     pub ms_min: f64,
     pub ms_max: f64,
@@ -63,35 +68,48 @@ fn randn(shape: &[usize], seed: u64) -> Vec<f32> {
     Rng::new(seed).normal_vec(shape.iter().product())
 }
 
-/// Times `f` (which records GPU work) with a sync after every run.
+/// Each timed sample lasts at least this long: fast kernels are repeated inside one sample so
+/// the cost of submitting and waiting for the GPU does not dominate.
+const MIN_SAMPLE_MS: f64 = 25.0;
+
+/// Times `f` (which records GPU work): per-run milliseconds of each sample, and the runs per
+/// sample. A sample records `reps` runs and waits for the GPU once.
 async fn time<F: FnMut() -> Result<Tensor>>(
     gpu: &Gpu,
     opts: &BenchOptions,
     clock: &dyn Fn() -> f64,
     mut f: F,
-) -> Result<Vec<f64>> {
+) -> Result<(Vec<f64>, usize)> {
     for _ in 0..opts.warmup {
         let _y = f()?;
         gpu.sync().await?;
     }
+    let t0 = clock();
+    let _y = f()?;
+    gpu.sync().await?;
+    let once = (clock() - t0).max(1e-3);
+    let reps = ((MIN_SAMPLE_MS / once).ceil() as usize).clamp(1, 1000);
     let mut ms = Vec::with_capacity(opts.iters);
     for _ in 0..opts.iters.max(1) {
         let t0 = clock();
-        let _y = f()?;
+        for _ in 0..reps {
+            let _y = f()?;
+        }
         gpu.sync().await?;
-        ms.push(clock() - t0);
+        ms.push((clock() - t0) / reps as f64);
     }
-    Ok(ms)
+    Ok((ms, reps))
 }
 
-fn summarize(case: Case, mut ms: Vec<f64>) -> BenchResult {
+fn summarize(case: Case, (mut ms, reps): (Vec<f64>, usize)) -> BenchResult {
     ms.sort_by(|a, b| a.total_cmp(b));
     let med = ms[ms.len() / 2];
     BenchResult {
         kernel: case.kernel.to_string(),
         shape: case.shape,
         weights: case.weights.name().to_string(),
-        runs: ms.len(),
+        samples: ms.len(),
+        runs_per_sample: reps,
         ms_median: med,
         ms_min: ms[0],
         ms_max: ms[ms.len() - 1],
