@@ -66,6 +66,14 @@ impl Tiles {
     pub fn invocations(&self) -> usize {
         self.bq
     }
+
+    /// The valued defines of the shader variant for head dimension `d`.
+    pub fn defines(&self, d: usize) -> Defines {
+        Defines::new()
+            .value("HEAD_DIM", format!("{d}u"))
+            .value("BQ", format!("{}u", self.bq))
+            .value("BK", format!("{}u", self.bk))
+    }
 }
 
 /// Tile sizes for head dimension `d` within `workgroup_bytes` of workgroup memory and
@@ -158,10 +166,7 @@ pub fn attention_tiled(
     let out = Tensor::empty(gpu, q.shape())?;
     let scale = opts.scale.unwrap_or(1.0 / (d as f32).sqrt());
     let q_tiles = nq.div_ceil(tiles.bq);
-    let defines = Defines::new()
-        .value("HEAD_DIM", format!("{d}u"))
-        .value("BQ", format!("{}u", tiles.bq))
-        .value("BK", format!("{}u", tiles.bk));
+    let defines = tiles.defines(d);
     let params = Params::new()
         .u(b)
         .u(nq)

@@ -7,8 +7,8 @@
 
 use super::Params;
 use crate::error::{shape_err, Error, Result};
-use crate::gpu::{Bind, Caps, Gpu};
-use crate::shader::{self, Defines, ShaderSource, WEIGHT_AXIS};
+use crate::gpu::{Bind, Gpu};
+use crate::shader::{self, ShaderSource, WEIGHT_AXIS};
 use crate::tensor::Tensor;
 
 const SHADER: &str = "conv2d.wgsl";
@@ -35,66 +35,7 @@ impl Default for Conv2dParams {
     }
 }
 
-/// Workgroup tiling of the implicit GEMM (the core of `shaders/common/gemm.wgsl`, shared with
-/// matmul): one workgroup covers `bm` output channels by `bn` output pixels and walks the
-/// reduction in slices of `kt`; each invocation computes an 8×8 block, so a workgroup has
-/// `(bm/8)·(bn/8)` invocations.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub struct Tiles {
-    pub bm: usize,
-    pub bn: usize,
-    pub kt: usize,
-}
-
-impl Tiles {
-    pub fn invocations(&self) -> usize {
-        (self.bm / 8) * (self.bn / 8)
-    }
-    /// Bytes of workgroup memory (both tiles, f32).
-    pub fn workgroup_bytes(&self) -> usize {
-        self.kt * (self.bm + self.bn) * 4
-    }
-    /// The conditions the shader relies on.
-    pub fn is_valid(&self) -> bool {
-        self.bm > 0
-            && self.bn > 0
-            && self.kt > 0
-            && self.bm % 8 == 0
-            && self.bn % 8 == 0
-            && self.kt % 4 == 0
-            && self.invocations() <= 256
-    }
-
-    /// Tiles for `cout` output channels on a device with `caps`: a narrow channel tile when
-    /// there are few channels (conv_out, the VAE's last conv), otherwise 64×64 like matmul,
-    /// with the deepest reduction slice (<= 32) the workgroup memory allows. Every choice has
-    /// at most 64 invocations (16 on devices with fewer than 64).
-    pub fn choose(caps: &Caps, cout: usize) -> Tiles {
-        let (bm, bn) = if caps.max_invocations_per_workgroup < 64 {
-            (32, 32)
-        } else if cout <= 8 {
-            (8, 256)
-        } else if cout <= 16 {
-            (16, 128)
-        } else if cout <= 32 {
-            (32, 128)
-        } else {
-            (64, 64)
-        };
-        let mut t = Tiles { bm, bn, kt: 32 };
-        while t.kt > 4 && t.workgroup_bytes() > caps.max_workgroup_storage as usize {
-            t.kt /= 2;
-        }
-        t
-    }
-
-    fn defines(&self) -> Defines {
-        Defines::new()
-            .value("BM", format!("{}u", self.bm))
-            .value("BN", format!("{}u", self.bn))
-            .value("KT", format!("{}u", self.kt))
-    }
-}
+pub use super::gemm::Tiles;
 
 /// Output height/width of a convolution, or `None` if the kernel does not fit the padded input.
 pub fn out_size(h: usize, w: usize, kh: usize, kw: usize, p: Conv2dParams) -> Option<(usize, usize)> {
@@ -170,9 +111,7 @@ pub fn conv2d_with(
     tiles: Tiles,
 ) -> Result<Tensor> {
     let out = check(x, w, bias, p)?;
-    if !tiles.is_valid()
-        || tiles.invocations() > gpu.caps().max_invocations_per_workgroup as usize
-        || tiles.workgroup_bytes() > gpu.caps().max_workgroup_storage as usize
+    if !tiles.fits(gpu.caps())
     {
         return Err(Error::Invalid(format!("conv2d: tiling {tiles:?} is not usable on this device")));
     }

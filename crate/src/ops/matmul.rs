@@ -8,9 +8,9 @@
 
 use super::{groups, Params};
 use crate::error::{shape_err, Error, Result};
-use crate::gpu::{Caps, Gpu};
+use crate::gpu::Gpu;
 use crate::quant::DType;
-use crate::shader::{weight_defines, Defines, ShaderSource, WEIGHT_AXIS};
+use crate::shader::{weight_defines, ShaderSource, WEIGHT_AXIS};
 use crate::tensor::Tensor;
 
 const SHADER: &str = "matmul.wgsl";
@@ -24,42 +24,7 @@ pub static SHADERS: &[ShaderSource] = &[ShaderSource {
     top_level: true,
 }];
 
-/// Output tile (`bm × bn`) and K slice (`kt`) of the kernel; each invocation computes 8×8
-/// outputs, so a workgroup has `(bm/8)·(bn/8)` invocations.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub struct Tiles {
-    pub bm: u32,
-    pub bn: u32,
-    pub kt: u32,
-}
-
-impl Tiles {
-    /// Workgroup memory the kernel uses with these tiles.
-    pub fn workgroup_bytes(self) -> u32 {
-        (self.bm + self.bn) * self.kt * 4
-    }
-
-    /// The largest K slice of a 64×64 tile that fits the device's workgroup memory.
-    pub fn for_caps(caps: &Caps) -> Tiles {
-        // 64×64 needs 64 invocations (every WebGPU device has them); 32×32 needs 16.
-        let (bm, bn) = if caps.max_invocations_per_workgroup >= 64 { (64, 64) } else { (32, 32) };
-        let mut t = Tiles { bm, bn, kt: 32 };
-        while t.kt > 4 && t.workgroup_bytes() > caps.max_workgroup_storage {
-            t.kt /= 2;
-        }
-        t
-    }
-
-    fn valid(self) -> bool {
-        self.bm % 8 == 0
-            && self.bn % 8 == 0
-            && self.kt % 4 == 0
-            && self.bm > 0
-            && self.bn > 0
-            && self.kt > 0
-            && (self.bm / 8) * (self.bn / 8) <= 256
-    }
-}
+pub use super::gemm::Tiles;
 
 /// Options of [`matmul`].
 #[derive(Clone, Copy, Debug)]
@@ -137,8 +102,8 @@ pub fn matmul_tiled(
             return Err(shape_err(OP, format!("bias {:?} must be [{n}] for B {:?}", bias.shape(), b.shape())));
         }
     }
-    if !tiles.valid() {
-        return Err(Error::Invalid(format!("matmul tiles {tiles:?} are not supported")));
+    if !tiles.fits(gpu.caps()) {
+        return Err(Error::Invalid(format!("matmul tiles {tiles:?} are not supported on this device")));
     }
     let limit = u32::MAX as usize;
     if batch * m * n >= limit || a.numel() >= limit || b.numel() >= limit {
@@ -149,17 +114,15 @@ pub fn matmul_tiled(
     out_shape.extend([m, n]);
     let c = Tensor::empty(gpu, &out_shape)?;
     let defines = weight_defines(
-        Defines::new()
-            .value("BM", format!("{}u", tiles.bm))
-            .value("BN", format!("{}u", tiles.bn))
-            .value("KT", format!("{}u", tiles.kt))
+        tiles
+            .defines()
             .flag_if("TRANS_B", opts.trans_b)
             .flag_if("BIAS", opts.bias.is_some())
             .flag_if("A_VEC4", k % 4 == 0),
         b.dtype(),
     );
-    let tiles_n = n.div_ceil(tiles.bn as usize);
-    let tiles_m = m.div_ceil(tiles.bm as usize);
+    let tiles_n = n.div_ceil(tiles.bn);
+    let tiles_m = m.div_ceil(tiles.bm);
     let params = Params::new()
         .u(m)
         .u(n)
