@@ -14,3 +14,4 @@ mod runtime;
 mod safetensors_io;
 mod shaders;
 mod tokenizer;
+mod unet;

@@ -1,6 +1,11 @@
 //! Stable-Diffusion-class model components, named after their diffusers / transformers
 //! counterparts.
 
+pub mod embeddings;
+pub mod resnet;
+pub mod transformer;
+pub mod unet;
+pub mod unet_blocks;
 pub mod tokenizer;
 pub mod weights;
 
