@@ -6,6 +6,8 @@ pub mod resnet;
 pub mod transformer;
 pub mod unet;
 pub mod unet_blocks;
+pub mod checkpoint;
+pub mod config;
 pub mod tokenizer;
 pub mod weights;
 

@@ -1,0 +1,320 @@
+//! diffusers `UNet2DConditionModel` configuration (models/unets/unet_2d_condition.py).
+
+use super::{check_list_len, check_one_of, err, parse, reject_set, PerLevel, SampleSize};
+use crate::error::Result;
+use serde::Deserialize;
+
+/// diffusers `UNet2DConditionModel` configuration (`unet/config.json`).
+#[derive(Clone, Debug, PartialEq, Deserialize)]
+#[serde(default)]
+pub struct UNetConfig {
+    pub sample_size: Option<SampleSize>,
+    pub in_channels: usize,
+    pub out_channels: usize,
+    pub center_input_sample: bool,
+    pub flip_sin_to_cos: bool,
+    pub freq_shift: f64,
+    pub down_block_types: Vec<String>,
+    pub mid_block_type: Option<String>,
+    pub up_block_types: Vec<String>,
+    pub only_cross_attention: PerLevel<bool>,
+    pub block_out_channels: Vec<usize>,
+    pub layers_per_block: PerLevel<usize>,
+    pub downsample_padding: usize,
+    pub mid_block_scale_factor: f64,
+    pub act_fn: String,
+    pub norm_num_groups: Option<usize>,
+    pub norm_eps: f64,
+    pub cross_attention_dim: PerLevel<usize>,
+    pub transformer_layers_per_block: PerLevel<usize>,
+    pub reverse_transformer_layers_per_block: Option<serde_json::Value>,
+    pub encoder_hid_dim: Option<usize>,
+    pub encoder_hid_dim_type: Option<String>,
+    /// The number of heads when `num_attention_heads` is absent (diffusers' historical naming).
+    pub attention_head_dim: PerLevel<usize>,
+    pub num_attention_heads: Option<PerLevel<usize>>,
+    pub dual_cross_attention: bool,
+    pub use_linear_projection: bool,
+    pub class_embed_type: Option<String>,
+    pub addition_embed_type: Option<String>,
+    pub addition_time_embed_dim: Option<usize>,
+    pub num_class_embeds: Option<usize>,
+    pub upcast_attention: bool,
+    pub resnet_time_scale_shift: String,
+    pub resnet_skip_time_act: bool,
+    pub resnet_out_scale_factor: f64,
+    pub time_embedding_type: String,
+    pub time_embedding_dim: Option<usize>,
+    pub time_embedding_act_fn: Option<String>,
+    pub timestep_post_act: Option<String>,
+    /// LCM-distilled UNets: width of the guidance-scale embedding added to the time embedding.
+    pub time_cond_proj_dim: Option<usize>,
+    pub conv_in_kernel: usize,
+    pub conv_out_kernel: usize,
+    pub projection_class_embeddings_input_dim: Option<usize>,
+    pub attention_type: String,
+    pub class_embeddings_concat: bool,
+    pub mid_block_only_cross_attention: Option<bool>,
+    pub cross_attention_norm: Option<String>,
+}
+
+impl Default for UNetConfig {
+    /// diffusers' constructor defaults.
+    fn default() -> Self {
+        let s = |v: &[&str]| v.iter().map(|s| s.to_string()).collect();
+        UNetConfig {
+            sample_size: None,
+            in_channels: 4,
+            out_channels: 4,
+            center_input_sample: false,
+            flip_sin_to_cos: true,
+            freq_shift: 0.0,
+            down_block_types: s(&[
+                "CrossAttnDownBlock2D",
+                "CrossAttnDownBlock2D",
+                "CrossAttnDownBlock2D",
+                "DownBlock2D",
+            ]),
+            mid_block_type: Some("UNetMidBlock2DCrossAttn".into()),
+            up_block_types: s(&["UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D"]),
+            only_cross_attention: PerLevel::One(false),
+            block_out_channels: vec![320, 640, 1280, 1280],
+            layers_per_block: PerLevel::One(2),
+            downsample_padding: 1,
+            mid_block_scale_factor: 1.0,
+            act_fn: "silu".into(),
+            norm_num_groups: Some(32),
+            norm_eps: 1e-5,
+            cross_attention_dim: PerLevel::One(1280),
+            transformer_layers_per_block: PerLevel::One(1),
+            reverse_transformer_layers_per_block: None,
+            encoder_hid_dim: None,
+            encoder_hid_dim_type: None,
+            attention_head_dim: PerLevel::One(8),
+            num_attention_heads: None,
+            dual_cross_attention: false,
+            use_linear_projection: false,
+            class_embed_type: None,
+            addition_embed_type: None,
+            addition_time_embed_dim: None,
+            num_class_embeds: None,
+            upcast_attention: false,
+            resnet_time_scale_shift: "default".into(),
+            resnet_skip_time_act: false,
+            resnet_out_scale_factor: 1.0,
+            time_embedding_type: "positional".into(),
+            time_embedding_dim: None,
+            time_embedding_act_fn: None,
+            timestep_post_act: None,
+            time_cond_proj_dim: None,
+            conv_in_kernel: 3,
+            conv_out_kernel: 3,
+            projection_class_embeddings_input_dim: None,
+            attention_type: "default".into(),
+            class_embeddings_concat: false,
+            mid_block_only_cross_attention: None,
+            cross_attention_norm: None,
+        }
+    }
+}
+
+pub const CROSS_ATTN_DOWN: &str = "CrossAttnDownBlock2D";
+pub const DOWN: &str = "DownBlock2D";
+pub const CROSS_ATTN_UP: &str = "CrossAttnUpBlock2D";
+pub const UP: &str = "UpBlock2D";
+pub const MID_CROSS_ATTN: &str = "UNetMidBlock2DCrossAttn";
+
+impl UNetConfig {
+    /// Stable Diffusion 1.5 (`stable-diffusion-v1-5/unet/config.json`).
+    pub fn sd15() -> Self {
+        UNetConfig {
+            sample_size: Some(SampleSize::Square(64)),
+            cross_attention_dim: PerLevel::One(768),
+            ..Self::default()
+        }
+    }
+
+    /// Stable Diffusion 2.1 (768, v-prediction: `stabilityai/stable-diffusion-2-1/unet/config.json`).
+    pub fn sd21() -> Self {
+        UNetConfig {
+            sample_size: Some(SampleSize::Square(96)),
+            cross_attention_dim: PerLevel::One(1024),
+            attention_head_dim: PerLevel::Each(vec![5, 10, 20, 20]),
+            use_linear_projection: true,
+            upcast_attention: true,
+            ..Self::default()
+        }
+    }
+
+    /// Parses and validates `unet/config.json`; `file` names it in errors.
+    pub fn from_json(text: &str, file: &str) -> Result<Self> {
+        let c: Self = parse(text, file)?;
+        c.validate(file)?;
+        Ok(c)
+    }
+
+    /// Number of resolution levels (entries of `block_out_channels`).
+    pub fn levels(&self) -> usize {
+        self.block_out_channels.len()
+    }
+    /// Resnets per down block at `level` (up blocks have one more).
+    pub fn layers_per_block(&self, level: usize) -> usize {
+        self.layers_per_block.at(level)
+    }
+    /// Attention heads at down `level` (the mid block uses the last level's).
+    pub fn heads(&self, level: usize) -> usize {
+        self.num_attention_heads.as_ref().unwrap_or(&self.attention_head_dim).at(level)
+    }
+    /// Width of one attention head at down `level`.
+    pub fn head_dim(&self, level: usize) -> usize {
+        self.block_out_channels[level] / self.heads(level)
+    }
+    pub fn transformer_layers(&self, level: usize) -> usize {
+        self.transformer_layers_per_block.at(level)
+    }
+    pub fn cross_attention_dim(&self, level: usize) -> usize {
+        self.cross_attention_dim.at(level)
+    }
+    pub fn only_cross_attention(&self, level: usize) -> bool {
+        self.only_cross_attention.at(level)
+    }
+    /// Whether down block `level` has transformer blocks.
+    pub fn down_has_attention(&self, level: usize) -> bool {
+        self.down_block_types[level] == CROSS_ATTN_DOWN
+    }
+    /// Whether up block `index` (0 = lowest resolution, as diffusers numbers them) has
+    /// transformer blocks.
+    pub fn up_has_attention(&self, index: usize) -> bool {
+        self.up_block_types[index] == CROSS_ATTN_UP
+    }
+    /// Group-norm groups (32 when the file says null, as for SD1.x/2.x).
+    pub fn norm_groups(&self) -> usize {
+        self.norm_num_groups.unwrap_or(32)
+    }
+    /// Width of the time embedding (`block_out_channels[0] * 4` unless set).
+    pub fn time_embed_dim(&self) -> usize {
+        self.time_embedding_dim.unwrap_or(self.block_out_channels[0] * 4)
+    }
+
+    /// Checks that the configuration is one the engine can build.
+    pub fn validate(&self, file: &str) -> Result<()> {
+        let n = self.levels();
+        if n == 0 {
+            return Err(err(file, "block_out_channels", "is empty"));
+        }
+        if let Some(i) = self.block_out_channels.iter().position(|&c| c == 0) {
+            return Err(err(file, "block_out_channels", format!("entry {i} is 0")));
+        }
+        for (field, v) in [("in_channels", self.in_channels), ("out_channels", self.out_channels)] {
+            if v == 0 {
+                return Err(err(file, field, "is 0"));
+            }
+        }
+        for (field, types) in [("down_block_types", &self.down_block_types), ("up_block_types", &self.up_block_types)] {
+            if types.len() != n {
+                return Err(err(file, field, format!("has {} entries but block_out_channels has {n}", types.len())));
+            }
+        }
+        for t in &self.down_block_types {
+            check_one_of(file, "down_block_types", t, &[CROSS_ATTN_DOWN, DOWN])?;
+        }
+        for t in &self.up_block_types {
+            check_one_of(file, "up_block_types", t, &[CROSS_ATTN_UP, UP])?;
+        }
+        for i in 0..n {
+            if self.down_has_attention(i) != self.up_has_attention(n - 1 - i) {
+                return Err(err(
+                    file,
+                    "up_block_types",
+                    format!("entry {} does not mirror down_block_types entry {i}", n - 1 - i),
+                ));
+            }
+        }
+        match self.mid_block_type.as_deref() {
+            Some(MID_CROSS_ATTN) => {}
+            other => {
+                return Err(err(
+                    file,
+                    "mid_block_type",
+                    format!("{other:?} is not supported (supported: {MID_CROSS_ATTN})"),
+                ))
+            }
+        }
+        check_list_len(file, "only_cross_attention", &self.only_cross_attention, n)?;
+        check_list_len(file, "layers_per_block", &self.layers_per_block, n)?;
+        check_list_len(file, "cross_attention_dim", &self.cross_attention_dim, n)?;
+        check_list_len(file, "transformer_layers_per_block", &self.transformer_layers_per_block, n)?;
+        check_list_len(file, "attention_head_dim", &self.attention_head_dim, n)?;
+        if let Some(h) = &self.num_attention_heads {
+            check_list_len(file, "num_attention_heads", h, n)?;
+        }
+        for (field, v) in [
+            ("layers_per_block", &self.layers_per_block),
+            ("cross_attention_dim", &self.cross_attention_dim),
+            ("transformer_layers_per_block", &self.transformer_layers_per_block),
+            ("attention_head_dim", &self.attention_head_dim),
+        ] {
+            if v.values().contains(&0) {
+                return Err(err(file, field, "contains 0"));
+            }
+        }
+        let heads_field = if self.num_attention_heads.is_some() { "num_attention_heads" } else { "attention_head_dim" };
+        for level in 0..n {
+            let (c, h) = (self.block_out_channels[level], self.heads(level));
+            if h == 0 || !c.is_multiple_of(h) {
+                return Err(err(
+                    file,
+                    heads_field,
+                    format!("{h} heads do not divide level {level}'s {c} channels (block_out_channels)"),
+                ));
+            }
+        }
+        let g = self.norm_groups();
+        if g == 0 {
+            return Err(err(file, "norm_num_groups", "is 0"));
+        }
+        if let Some(&c) = self.block_out_channels.iter().find(|&&c| !c.is_multiple_of(g)) {
+            return Err(err(file, "norm_num_groups", format!("{g} groups do not divide {c} channels")));
+        }
+        if self.norm_eps.is_nan() || self.norm_eps <= 0.0 {
+            return Err(err(file, "norm_eps", format!("{} is not positive", self.norm_eps)));
+        }
+        for (field, k) in [("conv_in_kernel", self.conv_in_kernel), ("conv_out_kernel", self.conv_out_kernel)] {
+            if k % 2 == 0 {
+                return Err(err(file, field, format!("{k} is not an odd kernel size")));
+            }
+        }
+        let sdxl = "SDXL-style added embeddings are not supported (Stable Diffusion 1.x/2.x only)";
+        reject_set(file, "addition_embed_type", &self.addition_embed_type, sdxl)?;
+        reject_set(file, "addition_time_embed_dim", &self.addition_time_embed_dim, sdxl)?;
+        let class = "class-conditioned UNets are not supported";
+        reject_set(file, "class_embed_type", &self.class_embed_type, class)?;
+        reject_set(file, "num_class_embeds", &self.num_class_embeds, class)?;
+        reject_set(file, "projection_class_embeddings_input_dim", &self.projection_class_embeddings_input_dim, class)?;
+        reject_set(file, "encoder_hid_dim", &self.encoder_hid_dim, "encoder projections are not supported")?;
+        reject_set(file, "encoder_hid_dim_type", &self.encoder_hid_dim_type, "encoder projections are not supported")?;
+        reject_set(
+            file,
+            "reverse_transformer_layers_per_block",
+            &self.reverse_transformer_layers_per_block,
+            "asymmetric UNets are not supported",
+        )?;
+        reject_set(file, "time_embedding_act_fn", &self.time_embedding_act_fn, "not used by Stable Diffusion 1.x/2.x")?;
+        reject_set(file, "timestep_post_act", &self.timestep_post_act, "not used by Stable Diffusion 1.x/2.x")?;
+        reject_set(file, "cross_attention_norm", &self.cross_attention_norm, "not used by Stable Diffusion 1.x/2.x")?;
+        if self.dual_cross_attention {
+            return Err(err(file, "dual_cross_attention", "true is not supported"));
+        }
+        if self.class_embeddings_concat {
+            return Err(err(file, "class_embeddings_concat", "true is not supported"));
+        }
+        if self.resnet_skip_time_act {
+            return Err(err(file, "resnet_skip_time_act", "true is not supported"));
+        }
+        check_one_of(file, "act_fn", &self.act_fn, &["silu"])?;
+        check_one_of(file, "resnet_time_scale_shift", &self.resnet_time_scale_shift, &["default"])?;
+        check_one_of(file, "time_embedding_type", &self.time_embedding_type, &["positional"])?;
+        check_one_of(file, "attention_type", &self.attention_type, &["default"])?;
+        Ok(())
+    }
+}
