@@ -5,13 +5,17 @@
 //   slice_last:  y[r, j] = x[r, start + j]                        (x: (rows, d), y: (rows, len))
 //   transpose:   y[b, c, r] = x[b, r, c], through 16×16 tiles in workgroup memory
 //   timestep_embedding: y[n, k] as diffusers' get_timestep_embedding (see the entry point)
+//   embedding:   y[n, j] = table[ids[n], j]                       (nn.Embedding; table f32 or f16)
 // One invocation per output element except in `transpose`.
 
 struct Params {
     n: u32,     // output elements
     a: u32,     // upsample2x: W | concat_part: len·inner | slice_last: d | transpose: R | temb: dim
+                // | embedding: D
     b: u32,     // concat_part: total·inner | slice_last: len | transpose: C | temb: flip (0/1)
+                // | embedding: table is f16 (0/1)
     c: u32,     // concat_part: off·inner | slice_last: start | transpose: tiles along R
+                // | embedding: rows of the table (ids past it read row 0; the host rejects them)
     d: u32,     // transpose: tiles along C
     f0: f32,    // temb: -ln(max_period) / (half - downscale_freq_shift)
 }
@@ -19,6 +23,8 @@ struct Params {
 @group(0) @binding(0) var<uniform> p: Params;
 @group(0) @binding(1) var<storage, read> x: array<f32>;        // input (shapes above)
 @group(0) @binding(2) var<storage, read_write> y: array<f32>;  // output (shapes above)
+@group(0) @binding(3) var<storage, read> table: array<u32>;    // embedding: (rows, D) f32 bits or f16 pairs
+@group(0) @binding(4) var<storage, read> ids: array<u32>;      // embedding: (N)
 
 const WG: u32 = 256u;
 const TILE: u32 = 16u;
@@ -116,4 +122,20 @@ fn timestep_embedding(@builtin(workgroup_id) wg: vec3<u32>, @builtin(num_workgro
     let arg = reduce_2pi(x[n] * exp(f32(j) * p.f0));
     let use_cos = second != (p.b != 0u);
     y[i] = select(sin(arg), cos(arg), use_cos);
+}
+
+@compute @workgroup_size(WG)
+fn embedding(@builtin(workgroup_id) wg: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>,
+             @builtin(local_invocation_index) lid: u32) {
+    let i = index(wg, nwg, lid);
+    if (i >= p.n) { return; }
+    var row = ids[i / p.a];
+    if (row >= p.c) { row = 0u; }
+    let e = row * p.a + i % p.a;
+    if (p.b == 0u) {
+        y[i] = bitcast<f32>(table[e]);
+    } else {
+        let pair = unpack2x16float(table[e >> 1u]);
+        y[i] = select(pair.x, pair.y, (e & 1u) == 1u);
+    }
 }

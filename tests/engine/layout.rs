@@ -156,3 +156,34 @@ fn timestep_embedding_matches_reference() {
     assert!(layout::timestep_embedding(gpu, &t, 1, true, 0.0, 10000.0).is_err());
     assert!(layout::timestep_embedding(gpu, &[], 4, true, 0.0, 10000.0).is_err());
 }
+
+#[test]
+fn embedding_gathers_rows() {
+    use loralab::quant::DType;
+    for gpu in gpus() {
+        for (ci, &(rows, d, n)) in [(1usize, 1usize, 1usize), (5, 3, 7), (1000, 8, 77), (33, 257, 5)].iter().enumerate() {
+            let table = randn(rows * d, 40 + ci as u64);
+            let ids: Vec<u32> = (0..n).map(|i| ((i * 7919 + ci) % rows) as u32).collect();
+            for dtype in [DType::F32, DType::F16] {
+                let t = Tensor::from_f32_as(gpu, &[rows, d], &table, dtype).unwrap();
+                let y = layout::embedding(gpu, &t, &ids).unwrap();
+                assert_eq!(y.shape(), &[n, d]);
+                // The f16 table's values are what the tensor holds after conversion.
+                let held = read(gpu, &t);
+                assert_eq!(read(gpu, &y), reference::embedding(&held, d, &ids), "{rows}x{d} {dtype} ids {n}");
+            }
+        }
+    }
+    // [[1, 2], [3, 4], [5, 6]] at [2, 0, 2] -> [[5, 6], [1, 2], [5, 6]]
+    let gpu = gpu_plain();
+    let t = Tensor::from_f32(gpu, &[3, 2], &[1.0, 2.0, 3.0, 4.0, 5.0, 6.0]).unwrap();
+    assert_eq!(read(gpu, &layout::embedding(gpu, &t, &[2, 0, 2]).unwrap()), [5.0, 6.0, 1.0, 2.0, 5.0, 6.0]);
+    // Errors: id past the table, empty ids, quantized table, not a matrix.
+    let e = layout::embedding(gpu, &t, &[0, 3]).unwrap_err();
+    assert!(matches!(e, Error::Shape { op: "embedding", .. }) && e.to_string().contains("id 3"), "{e}");
+    assert!(layout::embedding(gpu, &t, &[]).is_err());
+    let q = Tensor::from_f32_as(gpu, &[2, 32], &randn(64, 1), DType::Q8_0).unwrap();
+    assert!(matches!(layout::embedding(gpu, &q, &[0]).unwrap_err(), Error::DType { op: "embedding", .. }));
+    let e = layout::embedding(gpu, &t.reshape(&[6]).unwrap(), &[0]).unwrap_err();
+    assert!(matches!(e, Error::Shape { op: "embedding", .. }), "{e}");
+}

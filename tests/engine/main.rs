@@ -4,6 +4,7 @@
 
 mod attention;
 mod checkpoint;
+mod clip;
 mod common;
 mod conv;
 mod elementwise;

@@ -1,9 +1,10 @@
-//! Data movement: nearest 2x upsample, concatenation, last-two-dims transpose, last-dim slice
-//! and the sinusoidal timestep embedding (`shaders/layout.wgsl`).
+//! Data movement: nearest 2x upsample, concatenation, last-two-dims transpose, last-dim slice,
+//! the sinusoidal timestep embedding and the embedding-table gather (`shaders/layout.wgsl`).
 
 use super::{groups, Params};
 use crate::error::{shape_err, Result};
 use crate::gpu::Gpu;
+use crate::quant::DType;
 use crate::shader::{Defines, ShaderSource};
 use crate::tensor::Tensor;
 
@@ -14,7 +15,7 @@ pub static SHADERS: &[ShaderSource] = &[ShaderSource {
     source: crate::wgsl!("layout.wgsl"),
     flag_axes: &[],
     values: &[],
-    entries: &["upsample2x", "concat_part", "slice_last", "transpose", "timestep_embedding"],
+    entries: &["upsample2x", "concat_part", "slice_last", "transpose", "timestep_embedding", "embedding"],
     top_level: true,
 }];
 
@@ -169,8 +170,53 @@ pub fn timestep_embedding(
     Ok(y)
 }
 
+/// `nn.Embedding`: rows `ids` of `table: [rows, D]` (stored f32 or f16), giving `[ids.len(), D]`
+/// f32. Ids past the table are an error.
+pub fn embedding(gpu: &Gpu, table: &Tensor, ids: &[u32]) -> Result<Tensor> {
+    const OP: &str = "embedding";
+    if table.rank() != 2 {
+        return Err(shape_err(OP, format!("table must be [rows, D], got {:?}", table.shape())));
+    }
+    let (rows, d) = (table.dim(0), table.dim(1));
+    let f16 = match table.dtype() {
+        DType::F32 => false,
+        DType::F16 => true,
+        other => {
+            return Err(crate::error::Error::DType {
+                op: OP,
+                message: format!("table {:?} must be stored f32 or f16, got {other}", table.shape()),
+            })
+        }
+    };
+    if ids.is_empty() || d == 0 {
+        return Err(shape_err(OP, format!("needs ids (got {}) and a table with columns ({:?})", ids.len(), table.shape())));
+    }
+    if let Some((pos, &bad)) = ids.iter().enumerate().find(|(_, &id)| id as usize >= rows) {
+        return Err(shape_err(
+            OP,
+            format!("id {bad} at position {pos} is outside table {:?} ({rows} rows)", table.shape()),
+        ));
+    }
+    let id_buf = gpu.upload(bytemuck::cast_slice(ids), "embedding ids")?;
+    let y = Tensor::empty(gpu, &[ids.len(), d])?;
+    gpu.dispatch(
+        SHADER,
+        "embedding",
+        &Defines::new(),
+        &params(y.numel(), d, f16 as usize, rows, 0, 0.0),
+        &[(2, y.buffer()), (3, table.buffer()), (4, &id_buf)],
+        gpu.grid(groups(y.numel(), WG)),
+    )?;
+    Ok(y)
+}
+
 /// CPU references.
 pub mod reference {
+    /// Rows `ids` of `table` (row length `d`).
+    pub fn embedding(table: &[f32], d: usize, ids: &[u32]) -> Vec<f32> {
+        ids.iter().flat_map(|&i| table[i as usize * d..(i as usize + 1) * d].to_vec()).collect()
+    }
+
     pub fn upsample_nearest2x(x: &[f32], bc: usize, h: usize, w: usize) -> Vec<f32> {
         let mut y = Vec::with_capacity(x.len() * 4);
         for p in 0..bc {

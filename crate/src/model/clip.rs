@@ -1,0 +1,405 @@
+//! The CLIP text encoder of Stable Diffusion, following transformers' `CLIPTextModel`
+//! (`transformers/models/clip/modeling_clip.py`: `CLIPTextEmbeddings`, `CLIPEncoderLayer`,
+//! `CLIPAttention`, `CLIPMLP`, `CLIPTextTransformer`), on the engine's kernels.
+//!
+//! `embeddings = token_embedding[ids] + position_embedding[0..S]`, then `num_hidden_layers`
+//! pre-LN layers
+//!
+//! ```text
+//! h = h + out_proj(causal_attention(q_proj(ln1(h)), k_proj(ln1(h)), v_proj(ln1(h))))
+//! h = h + fc2(act(fc1(ln2(h))))
+//! ```
+//!
+//! and `final_layer_norm`. `hidden_states[0]` is the embedding output, `hidden_states[k]` the
+//! output of layer k (no final norm); `last_hidden_state = final_layer_norm(hidden_states[L])`
+//! is what SD1.x pipelines use as `prompt_embeds`.
+//!
+//! Clip skip: diffusers' `clip_skip = k` takes `final_layer_norm(hidden_states[-(k + 1)])`
+//! (k = 0: the ordinary output, k = 1: the penultimate layer). A1111's "Clip skip N" is
+//! diffusers `clip_skip = N - 1` (A1111's default 1 = no skip, A1111 2 = penultimate). SD2.x
+//! uses the penultimate layer of OpenCLIP ViT-H; its diffusers `text_encoder/config.json`
+//! already drops the last layer (23 layers), so it runs with `clip_skip = 0`; a 24-layer
+//! encoder would need `clip_skip = 1`. SDXL-style conditioning takes
+//! `hidden_states[-(k + 2)]` without the final norm: [`EncodeOpts::final_norm`] = false.
+//! Layers after the chosen one are not run.
+
+use crate::error::{shape_err, Error, Result};
+use crate::gpu::Gpu;
+use crate::model::weights::{WeightPolicy, WeightSource};
+use crate::ops::attention::{attention, AttentionOpts};
+use crate::ops::elementwise::{add, unary, Unary};
+use crate::ops::layout::embedding;
+use crate::ops::matmul::linear;
+use crate::ops::norm::layer_norm;
+use crate::quant::DType;
+use crate::tensor::Tensor;
+use serde::Deserialize;
+
+const OP: &str = "clip_text_model";
+
+fn default_eps() -> f32 {
+    1e-5
+}
+
+/// `text_encoder/config.json` (transformers' `CLIPTextConfig`); keys not listed are ignored.
+#[derive(Clone, Debug, PartialEq, Deserialize)]
+pub struct ClipTextConfig {
+    pub vocab_size: usize,
+    pub hidden_size: usize,
+    pub intermediate_size: usize,
+    pub num_hidden_layers: usize,
+    pub num_attention_heads: usize,
+    pub max_position_embeddings: usize,
+    /// `quick_gelu` (OpenAI CLIP, SD1.x), `gelu` (OpenCLIP, SD2.x), `gelu_new` /
+    /// `gelu_pytorch_tanh` (tanh approximation).
+    #[serde(default = "default_act")]
+    pub hidden_act: String,
+    #[serde(default = "default_eps")]
+    pub layer_norm_eps: f32,
+    #[serde(default)]
+    pub eos_token_id: Option<serde_json::Value>,
+    #[serde(default)]
+    pub projection_dim: Option<usize>,
+}
+
+fn default_act() -> String {
+    "quick_gelu".to_string()
+}
+
+impl ClipTextConfig {
+    /// Parses and checks `text_encoder/config.json`.
+    pub fn from_json(json: &str) -> Result<Self> {
+        let c: Self = serde_json::from_str(json).map_err(|e| Error::Format {
+            file: "text_encoder/config.json".to_string(),
+            tensor: None,
+            message: format!("not a CLIP text config: {e}"),
+        })?;
+        c.validate()?;
+        Ok(c)
+    }
+
+    /// Reads `config.json` from a text encoder folder.
+    #[cfg(not(target_arch = "wasm32"))]
+    pub fn from_dir(dir: impl AsRef<std::path::Path>) -> Result<Self> {
+        let path = dir.as_ref().join("config.json");
+        let text = std::fs::read_to_string(&path)
+            .map_err(|e| Error::Io { file: path.display().to_string(), message: e.to_string() })?;
+        Self::from_json(&text)
+    }
+
+    /// Checks sizes that the model cannot run with.
+    pub fn validate(&self) -> Result<()> {
+        let bad = |m: String| Err(Error::Invalid(format!("CLIP text config: {m}")));
+        if self.hidden_size == 0 || self.num_attention_heads == 0 || self.vocab_size == 0 {
+            return bad(format!(
+                "hidden_size {}, num_attention_heads {} and vocab_size {} must be positive",
+                self.hidden_size, self.num_attention_heads, self.vocab_size
+            ));
+        }
+        if !self.hidden_size.is_multiple_of(self.num_attention_heads) {
+            return bad(format!(
+                "hidden_size {} is not a multiple of num_attention_heads {}",
+                self.hidden_size, self.num_attention_heads
+            ));
+        }
+        if self.intermediate_size == 0 || self.max_position_embeddings == 0 {
+            return bad("intermediate_size and max_position_embeddings must be positive".to_string());
+        }
+        self.activation().map(|_| ())
+    }
+
+    /// The MLP activation named by `hidden_act`.
+    pub fn activation(&self) -> Result<Unary> {
+        match self.hidden_act.as_str() {
+            "quick_gelu" => Ok(Unary::QuickGelu),
+            "gelu" => Ok(Unary::Gelu),
+            "gelu_new" | "gelu_pytorch_tanh" | "gelu_fast" => Ok(Unary::GeluTanh),
+            other => Err(Error::Invalid(format!(
+                "CLIP text config: hidden_act `{other}` is not supported (quick_gelu, gelu, gelu_new, \
+                 gelu_pytorch_tanh)"
+            ))),
+        }
+    }
+
+    pub fn head_dim(&self) -> usize {
+        self.hidden_size / self.num_attention_heads
+    }
+}
+
+/// Which hidden state [`ClipTextModel::encode`] returns.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct EncodeOpts {
+    /// diffusers' `clip_skip`: 0 = last layer, 1 = penultimate, ... (A1111 "Clip skip N" is
+    /// N - 1 here).
+    pub clip_skip: usize,
+    /// Apply `final_layer_norm` to the chosen state (diffusers SD1.x/SD2.x: yes; SDXL: no).
+    pub final_norm: bool,
+}
+
+impl Default for EncodeOpts {
+    fn default() -> Self {
+        Self { clip_skip: 0, final_norm: true }
+    }
+}
+
+impl EncodeOpts {
+    /// diffusers `clip_skip = k` (final norm applied).
+    pub fn clip_skip(k: usize) -> Self {
+        Self { clip_skip: k, final_norm: true }
+    }
+    /// A1111's "Clip skip N" (N >= 1; 1 = no skip), i.e. diffusers `clip_skip = N - 1`.
+    pub fn a1111(n: usize) -> Self {
+        Self::clip_skip(n.saturating_sub(1))
+    }
+    /// The penultimate layer (diffusers `clip_skip = 1`).
+    pub fn penultimate() -> Self {
+        Self::clip_skip(1)
+    }
+}
+
+struct Linear {
+    w: Tensor,
+    b: Tensor,
+}
+
+impl Linear {
+    fn load(gpu: &Gpu, src: &dyn WeightSource, name: &str, out: usize, inp: usize, p: WeightPolicy) -> Result<Self> {
+        Ok(Self {
+            w: src.load(gpu, &format!("{name}.weight"), &[out, inp], p.matrix())?,
+            b: src.load(gpu, &format!("{name}.bias"), &[out], p.vector())?,
+        })
+    }
+    fn forward(&self, gpu: &Gpu, x: &Tensor) -> Result<Tensor> {
+        linear(gpu, x, &self.w, Some(&self.b))
+    }
+}
+
+struct LayerNorm {
+    gamma: Tensor,
+    beta: Tensor,
+    eps: f32,
+}
+
+impl LayerNorm {
+    fn load(gpu: &Gpu, src: &dyn WeightSource, name: &str, d: usize, eps: f32) -> Result<Self> {
+        Ok(Self {
+            gamma: src.load(gpu, &format!("{name}.weight"), &[d], DType::F32)?,
+            beta: src.load(gpu, &format!("{name}.bias"), &[d], DType::F32)?,
+            eps,
+        })
+    }
+    fn forward(&self, gpu: &Gpu, x: &Tensor) -> Result<Tensor> {
+        layer_norm(gpu, x, Some(&self.gamma), Some(&self.beta), self.eps)
+    }
+}
+
+/// `CLIPEncoderLayer`.
+struct EncoderLayer {
+    layer_norm1: LayerNorm,
+    q_proj: Linear,
+    k_proj: Linear,
+    v_proj: Linear,
+    out_proj: Linear,
+    layer_norm2: LayerNorm,
+    fc1: Linear,
+    fc2: Linear,
+}
+
+impl EncoderLayer {
+    fn load(gpu: &Gpu, src: &dyn WeightSource, c: &ClipTextConfig, i: usize, p: WeightPolicy) -> Result<Self> {
+        let (d, f) = (c.hidden_size, c.intermediate_size);
+        let n = |s: &str| format!("text_model.encoder.layers.{i}.{s}");
+        Ok(Self {
+            layer_norm1: LayerNorm::load(gpu, src, &n("layer_norm1"), d, c.layer_norm_eps)?,
+            q_proj: Linear::load(gpu, src, &n("self_attn.q_proj"), d, d, p)?,
+            k_proj: Linear::load(gpu, src, &n("self_attn.k_proj"), d, d, p)?,
+            v_proj: Linear::load(gpu, src, &n("self_attn.v_proj"), d, d, p)?,
+            out_proj: Linear::load(gpu, src, &n("self_attn.out_proj"), d, d, p)?,
+            layer_norm2: LayerNorm::load(gpu, src, &n("layer_norm2"), d, c.layer_norm_eps)?,
+            fc1: Linear::load(gpu, src, &n("mlp.fc1"), f, d, p)?,
+            fc2: Linear::load(gpu, src, &n("mlp.fc2"), d, f, p)?,
+        })
+    }
+
+    /// `h: [B, S, D]` -> `[B, S, D]`.
+    fn forward(&self, gpu: &Gpu, h: &Tensor, heads: usize, act: Unary) -> Result<Tensor> {
+        let x = self.layer_norm1.forward(gpu, h)?;
+        let q = self.q_proj.forward(gpu, &x)?;
+        let k = self.k_proj.forward(gpu, &x)?;
+        let v = self.v_proj.forward(gpu, &x)?;
+        // scale = head_dim^-0.5 (attention's default), causal mask as create_causal_mask.
+        let a = attention(gpu, &q, &k, &v, AttentionOpts { heads, scale: None, causal: true })?;
+        let h = add(gpu, h, &self.out_proj.forward(gpu, &a)?)?;
+        let x = self.layer_norm2.forward(gpu, &h)?;
+        let x = unary(gpu, &self.fc1.forward(gpu, &x)?, act)?;
+        add(gpu, &h, &self.fc2.forward(gpu, &x)?)
+    }
+}
+
+/// transformers' `CLIPTextModel` with its parameters on the GPU.
+pub struct ClipTextModel {
+    config: ClipTextConfig,
+    act: Unary,
+    token_embedding: Tensor,
+    position_embedding: Tensor,
+    layers: Vec<EncoderLayer>,
+    final_layer_norm: LayerNorm,
+}
+
+impl ClipTextModel {
+    /// Loads every parameter (transformers names, `text_model.` prefix) from `source`: linear
+    /// weights as `policy.matrix()`, everything else, the token embedding included, as f32.
+    pub fn load(gpu: &Gpu, config: &ClipTextConfig, source: &dyn WeightSource, policy: WeightPolicy) -> Result<Self> {
+        Self::load_with_table(gpu, config, source, policy, DType::F32)
+    }
+
+    /// [`load`](Self::load) with the token embedding table stored as `table` (f32 or f16;
+    /// f16 halves the largest non-matrix parameter, `vocab_size × hidden_size`).
+    pub fn load_with_table(
+        gpu: &Gpu,
+        config: &ClipTextConfig,
+        source: &dyn WeightSource,
+        policy: WeightPolicy,
+        table: DType,
+    ) -> Result<Self> {
+        config.validate()?;
+        if !matches!(table, DType::F32 | DType::F16) {
+            return Err(Error::DType {
+                op: OP,
+                message: format!("the token embedding table can be stored f32 or f16, not {table}"),
+            });
+        }
+        let c = config;
+        let d = c.hidden_size;
+        let token_embedding =
+            source.load(gpu, "text_model.embeddings.token_embedding.weight", &[c.vocab_size, d], table)?;
+        let position_embedding = source.load(
+            gpu,
+            "text_model.embeddings.position_embedding.weight",
+            &[c.max_position_embeddings, d],
+            DType::F32,
+        )?;
+        let layers = (0..c.num_hidden_layers)
+            .map(|i| EncoderLayer::load(gpu, source, c, i, policy))
+            .collect::<Result<Vec<_>>>()?;
+        // A file with more layers than the config (a 24-layer OpenCLIP encoder under SD2's
+        // 23-layer config) loads the config's layers, as diffusers does.
+        let final_layer_norm = LayerNorm::load(gpu, source, "text_model.final_layer_norm", d, c.layer_norm_eps)?;
+        Ok(Self { config: c.clone(), act: c.activation()?, token_embedding, position_embedding, layers, final_layer_norm })
+    }
+
+    pub fn config(&self) -> &ClipTextConfig {
+        &self.config
+    }
+
+    /// Checks token id rows (same length, within the position table and the vocabulary) and
+    /// returns (batch, sequence length).
+    fn check_ids(&self, ids: &[&[u32]]) -> Result<(usize, usize)> {
+        let c = &self.config;
+        let s = ids.first().map_or(0, |r| r.len());
+        if s == 0 || ids.iter().any(|r| r.len() != s) {
+            let lens: Vec<usize> = ids.iter().map(|r| r.len()).collect();
+            return Err(shape_err(OP, format!("needs token id rows of one non-zero length, got lengths {lens:?}")));
+        }
+        if s > c.max_position_embeddings {
+            return Err(shape_err(
+                OP,
+                format!("{s} tokens exceed max_position_embeddings {}", c.max_position_embeddings),
+            ));
+        }
+        if let Some(bad) = ids.iter().flat_map(|r| r.iter()).find(|&&t| t as usize >= c.vocab_size) {
+            return Err(shape_err(OP, format!("token id {bad} is outside the vocabulary of {}", c.vocab_size)));
+        }
+        Ok((ids.len(), s))
+    }
+
+    /// `CLIPTextEmbeddings`: `[B, S, D]`.
+    pub fn embeddings(&self, gpu: &Gpu, ids: &[&[u32]]) -> Result<Tensor> {
+        let (b, s) = self.check_ids(ids)?;
+        let d = self.config.hidden_size;
+        let flat: Vec<u32> = ids.iter().flat_map(|r| r.iter().copied()).collect();
+        let tok = embedding(gpu, &self.token_embedding, &flat)?.reshape(&[b, s, d])?;
+        let positions: Vec<u32> = (0..s as u32).collect();
+        let pos = embedding(gpu, &self.position_embedding, &positions)?;
+        add(gpu, &tok, &pos)
+    }
+
+    /// Runs the embeddings and the first `layers` encoder layers; returns every hidden state
+    /// (`layers + 1` of them, `[B, S, D]` each; index 0 is the embedding output).
+    fn run(&self, gpu: &Gpu, ids: &[&[u32]], layers: usize, keep_all: bool) -> Result<Vec<Tensor>> {
+        let mut h = self.embeddings(gpu, ids)?;
+        let mut states = Vec::new();
+        let heads = self.config.num_attention_heads;
+        for layer in &self.layers[..layers] {
+            let next = layer.forward(gpu, &h, heads, self.act)?;
+            if keep_all {
+                states.push(h);
+            }
+            h = next;
+        }
+        states.push(h);
+        Ok(states)
+    }
+
+    /// transformers' `output_hidden_states=True`: `num_hidden_layers + 1` tensors `[B, S, D]`.
+    pub fn hidden_states(&self, gpu: &Gpu, ids: &[&[u32]]) -> Result<Vec<Tensor>> {
+        self.run(gpu, ids, self.layers.len(), true)
+    }
+
+    /// `final_layer_norm` of a hidden state.
+    pub fn final_layer_norm(&self, gpu: &Gpu, h: &Tensor) -> Result<Tensor> {
+        self.final_layer_norm.forward(gpu, h)
+    }
+
+    /// The prompt embedding `[B, S, D]` for token id rows `ids` (each row one padded prompt):
+    /// `final_layer_norm(hidden_states[-(clip_skip + 1)])` (without the norm when
+    /// `opts.final_norm` is false). `clip_skip` must be below the layer count + 1.
+    pub fn encode(&self, gpu: &Gpu, ids: &[&[u32]], opts: EncodeOpts) -> Result<Tensor> {
+        let n = self.layers.len();
+        if opts.clip_skip > n {
+            return Err(shape_err(
+                OP,
+                format!("clip_skip {} needs more than the model's {n} layers", opts.clip_skip),
+            ));
+        }
+        let h = self.run(gpu, ids, n - opts.clip_skip, false)?.pop().expect("one state");
+        if opts.final_norm {
+            self.final_layer_norm(gpu, &h)
+        } else {
+            Ok(h)
+        }
+    }
+
+    /// `pooler_output` as transformers computes it for `last_hidden_state: [B, S, D]`: the
+    /// row of each sequence's end token (the highest id when `eos_token_id` is the legacy 2,
+    /// else the first `eos_token_id`), `[B, D]`.
+    pub fn pooled(&self, gpu: &Gpu, last_hidden_state: &Tensor, ids: &[&[u32]]) -> Result<Tensor> {
+        let (b, s) = self.check_ids(ids)?;
+        let d = self.config.hidden_size;
+        if last_hidden_state.shape() != [b, s, d] {
+            return Err(shape_err(
+                OP,
+                format!("pooled: hidden state {:?} does not match ids [{b}, {s}]", last_hidden_state.shape()),
+            ));
+        }
+        let eos = self.config.eos_token_id.as_ref().and_then(|v| v.as_u64());
+        let rows: Vec<u32> = ids
+            .iter()
+            .enumerate()
+            .map(|(bi, r)| {
+                let j = match eos {
+                    Some(e) if e != 2 => r.iter().position(|&t| t as u64 == e).unwrap_or(0),
+                    // argmax: first position of the highest id.
+                    _ => r.iter().enumerate().fold(0, |best, (j, &t)| if t > r[best] { j } else { best }),
+                };
+                (bi * s + j) as u32
+            })
+            .collect();
+        embedding(gpu, &last_hidden_state.reshape(&[b * s, d])?, &rows)
+    }
+
+    /// Number of encoder layers loaded.
+    pub fn num_layers(&self) -> usize {
+        self.layers.len()
+    }
+}
