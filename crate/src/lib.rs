@@ -10,6 +10,7 @@ pub mod model;
 pub mod ops;
 pub mod quant;
 pub mod rng;
+pub mod sampler;
 pub mod selftest;
 pub mod shader;
 pub mod tensor;

@@ -14,6 +14,7 @@ mod norm;
 mod quantize;
 mod runtime;
 mod safetensors_io;
+mod sampler;
 mod shaders;
 mod tokenizer;
 mod unet;
