@@ -5,6 +5,7 @@
 //   slice_last:  y[r, j] = x[r, start + j]                        (x: (rows, d), y: (rows, len))
 //   transpose:   y[b, c, r] = x[b, r, c], through 16×16 tiles in workgroup memory
 //   timestep_embedding: y[n, k] as diffusers' get_timestep_embedding (see the entry point)
+//   pad2d:       y[bc, oy, ox] = x[bc, oy - top, ox - left], zero outside x   ([B·C, Ho, Wo])
 //   embedding:   y[n, j] = table[ids[n], j]                       (nn.Embedding; table f32 or f16)
 // One invocation per output element except in `transpose`.
 
@@ -18,6 +19,8 @@ struct Params {
                 // | embedding: rows of the table (ids past it read row 0; the host rejects them)
     d: u32,     // transpose: tiles along C
     f0: f32,    // temb: -ln(max_period) / (half - downscale_freq_shift)
+    e: u32,     // pad2d: top (W, H, Wo, Ho in a, b, c, d)
+    g: u32,     // pad2d: left
 }
 
 @group(0) @binding(0) var<uniform> p: Params;
@@ -138,4 +141,19 @@ fn embedding(@builtin(workgroup_id) wg: vec3<u32>, @builtin(num_workgroups) nwg:
         let pair = unpack2x16float(table[e >> 1u]);
         y[i] = select(pair.x, pair.y, (e & 1u) == 1u);
     }
+}
+
+@compute @workgroup_size(WG)
+fn pad2d(@builtin(workgroup_id) wg: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>,
+         @builtin(local_invocation_index) lid: u32) {
+    let i = index(wg, nwg, lid);
+    if (i >= p.n) { return; }
+    let ox = i % p.c;
+    let oy = (i / p.c) % p.d;
+    let bc = i / (p.c * p.d);
+    var v = 0.0;
+    if (ox >= p.g && oy >= p.e && ox - p.g < p.a && oy - p.e < p.b) {
+        v = x[(bc * p.b + oy - p.e) * p.a + ox - p.g];
+    }
+    y[i] = v;
 }

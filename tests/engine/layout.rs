@@ -187,3 +187,30 @@ fn embedding_gathers_rows() {
     let e = layout::embedding(gpu, &t.reshape(&[6]).unwrap(), &[0]).unwrap_err();
     assert!(matches!(e, Error::Shape { op: "embedding", .. }), "{e}");
 }
+
+#[test]
+fn pad2d_is_exact() {
+    let gpu = gpu_plain();
+    let cases: &[([usize; 4], [usize; 4])] = &[
+        ([1, 1, 1, 1], [0, 1, 0, 1]), // diffusers' Downsample2D (0, 1, 0, 1)
+        ([2, 3, 5, 7], [0, 1, 0, 1]),
+        ([1, 2, 4, 4], [1, 1, 1, 1]),
+        ([1, 3, 6, 9], [2, 0, 3, 0]),
+        ([2, 1, 3, 2], [0, 0, 0, 0]),
+        ([1, 4, 33, 17], [1, 2, 3, 4]),
+    ];
+    for (ci, &(s, pads)) in cases.iter().enumerate() {
+        let n: usize = s.iter().product();
+        let x = randn(n, 50 + ci as u64);
+        let t = Tensor::from_f32(gpu, &s, &x).unwrap();
+        let y = layout::pad2d(gpu, &t, pads).unwrap();
+        assert_eq!(y.shape(), &[s[0], s[1], s[2] + pads[0] + pads[1], s[3] + pads[2] + pads[3]]);
+        assert_eq!(read(gpu, &y), reference::pad2d(&x, s[0] * s[1], s[2], s[3], pads), "{s:?} {pads:?}");
+    }
+    // [[1, 2], [3, 4]] padded (0, 1, 0, 1) -> [[1, 2, 0], [3, 4, 0], [0, 0, 0]]
+    let t = Tensor::from_f32(gpu, &[1, 1, 2, 2], &[1.0, 2.0, 3.0, 4.0]).unwrap();
+    let y = read(gpu, &layout::pad2d(gpu, &t, [0, 1, 0, 1]).unwrap());
+    assert_eq!(y, [1.0, 2.0, 0.0, 3.0, 4.0, 0.0, 0.0, 0.0, 0.0]);
+    let e = layout::pad2d(gpu, &Tensor::zeros(gpu, &[2, 3]).unwrap(), [0, 1, 0, 1]).unwrap_err();
+    assert!(matches!(e, Error::Shape { op: "pad2d", .. }), "{e}");
+}

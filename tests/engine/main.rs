@@ -17,4 +17,5 @@ mod safetensors_io;
 mod sampler;
 mod shaders;
 mod tokenizer;
+mod vae;
 mod unet;

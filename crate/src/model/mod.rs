@@ -10,6 +10,8 @@ pub mod unet_blocks;
 pub mod checkpoint;
 pub mod config;
 pub mod tokenizer;
+pub mod vae;
+pub mod vae_blocks;
 pub mod weights;
 
 pub use tokenizer::ClipTokenizer;

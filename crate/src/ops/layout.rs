@@ -1,5 +1,6 @@
 //! Data movement: nearest 2x upsample, concatenation, last-two-dims transpose, last-dim slice,
-//! the sinusoidal timestep embedding and the embedding-table gather (`shaders/layout.wgsl`).
+//! the sinusoidal timestep embedding, the embedding-table gather and zero padding
+//! (`shaders/layout.wgsl`).
 
 use super::{groups, Params};
 use crate::error::{shape_err, Result};
@@ -15,7 +16,7 @@ pub static SHADERS: &[ShaderSource] = &[ShaderSource {
     source: crate::wgsl!("layout.wgsl"),
     flag_axes: &[],
     values: &[],
-    entries: &["upsample2x", "concat_part", "slice_last", "transpose", "timestep_embedding", "embedding"],
+    entries: &["upsample2x", "concat_part", "slice_last", "transpose", "timestep_embedding", "embedding", "pad2d"],
     top_level: true,
 }];
 
@@ -210,8 +211,39 @@ pub fn embedding(gpu: &Gpu, table: &Tensor, ids: &[u32]) -> Result<Tensor> {
     Ok(y)
 }
 
+/// Zero padding of `x: [B, C, H, W]` by `[top, bottom, left, right]` rows / columns
+/// (`F.pad(x, (left, right, top, bottom))`), giving `[B, C, H + top + bottom, W + left + right]`.
+pub fn pad2d(gpu: &Gpu, x: &Tensor, [top, bottom, left, right]: [usize; 4]) -> Result<Tensor> {
+    const OP: &str = "pad2d";
+    x.expect_f32(OP)?;
+    let s = x.shape();
+    if s.len() != 4 {
+        return Err(shape_err(OP, format!("x must be [B, C, H, W], got {s:?}")));
+    }
+    let (h, w) = (s[2], s[3]);
+    let (ho, wo) = (h + top + bottom, w + left + right);
+    let y = Tensor::empty(gpu, &[s[0], s[1], ho, wo])?;
+    let p = Params::new().u(y.numel()).u(w).u(h).u(wo).u(ho).f(0.0).u(top).u(left).0;
+    elementwise(gpu, "pad2d", &p, x, &y)?;
+    Ok(y)
+}
+
 /// CPU references.
 pub mod reference {
+    /// Zero padding of `[bc, h, w]` planes by `[top, bottom, left, right]`.
+    pub fn pad2d(x: &[f32], bc: usize, h: usize, w: usize, [top, bottom, left, right]: [usize; 4]) -> Vec<f32> {
+        let (ho, wo) = (h + top + bottom, w + left + right);
+        let mut y = vec![0.0; bc * ho * wo];
+        for p in 0..bc {
+            for iy in 0..h {
+                for ix in 0..w {
+                    y[(p * ho + iy + top) * wo + ix + left] = x[(p * h + iy) * w + ix];
+                }
+            }
+        }
+        y
+    }
+
     /// Rows `ids` of `table` (row length `d`).
     pub fn embedding(table: &[f32], d: usize, ids: &[u32]) -> Vec<f32> {
         ids.iter().flat_map(|&i| table[i as usize * d..(i as usize + 1) * d].to_vec()).collect()
