@@ -15,6 +15,7 @@
 use crate::common::*;
 use loralab::io::safetensors::SafetensorsFile;
 use loralab::io::LocalFile;
+use loralab::model::checkpoint::open_path;
 use loralab::model::config::VaeConfig;
 use loralab::model::vae::{to_image_01, to_rgb8, AutoencoderKL, DiagonalGaussian, VaeParts};
 use loralab::model::vae_blocks::{attention_by_matmul, single_head_attention};
@@ -142,6 +143,24 @@ fn vae_f16_weights_are_lossless_here() {
 fn vae_quantized_weights() {
     parity(gpu(), "tiny-sd15-b", DType::Q8_0, Q8_REL);
     parity(gpu(), "tiny-sd15-b", DType::Q4_0, Q4_REL);
+}
+
+#[test]
+fn vae_from_single_file_checkpoints() {
+    // CompVis names (first_stage_model.*, attention q/k/v/proj_out as 1×1 convolutions) mapped
+    // by the checkpoint loader; a: float16 file, b: bfloat16 file, same numbers as the folders.
+    let gpu = gpu();
+    for model in ["tiny-sd15-a", "tiny-sd15-b"] {
+        let dir = fixtures().join("models");
+        let ck = open_path(dir.join(format!("{model}.safetensors")), Some(&dir.join(model))).unwrap();
+        let policy = WeightPolicy::default();
+        let vae = AutoencoderKL::load(gpu, &ck.config.vae, &ck.vae, policy, VaeParts::Both).unwrap();
+        let r = refs(model, "vae");
+        let moments = read(gpu, &vae.encode(gpu, &upload(gpu, &r, "image")).unwrap().moments);
+        check(&format!("{model} single file: moments"), &moments, &r.read_f32("moments").unwrap(), F32_REL);
+        let img = read(gpu, &vae.decode(gpu, &upload(gpu, &r, "latent_mean_scaled")).unwrap());
+        check(&format!("{model} single file: decoded"), &img, &r.read_f32("decoded_from_mean").unwrap(), F32_REL);
+    }
 }
 
 #[test]
