@@ -7,6 +7,7 @@
 
 use crate::common::*;
 use loralab::io::safetensors::SafetensorsFile;
+use loralab::model::checkpoint;
 use loralab::model::clip::{ClipTextConfig, ClipTextModel, EncodeOpts};
 use loralab::model::{ClipTokenizer, SafetensorsSource, WeightPolicy};
 use loralab::model::WeightSource;
@@ -51,7 +52,9 @@ fn prompts(model: &str) -> Vec<(&'static str, String)> {
 }
 
 fn config(model: &str) -> ClipTextConfig {
-    ClipTextConfig::from_dir(fixtures().join("models").join(model).join("text_encoder")).expect("config")
+    let path = fixtures().join("models").join(model).join("text_encoder/config.json");
+    let text = std::fs::read_to_string(&path).expect("text encoder config");
+    ClipTextConfig::from_json(&text, &path.display().to_string()).expect("config")
 }
 
 fn source(model: &str) -> SafetensorsSource<loralab::io::LocalFile> {
@@ -221,13 +224,15 @@ fn mismatched_config_or_ids_are_clear_errors() {
     c.num_hidden_layers += 1;
     let e = ClipTextModel::load(gpu, &c, &source(model), WeightPolicy::default()).err().expect("missing layer");
     assert!(e.to_string().contains("layers.2."), "{e}");
-    // Bad configs and ids.
-    let bad = r#"{"vocab_size": 10, "hidden_size": 6, "intermediate_size": 4, "num_hidden_layers": 1,
-        "num_attention_heads": 4, "max_position_embeddings": 77}"#;
-    assert!(ClipTextConfig::from_json(bad).unwrap_err().to_string().contains("num_attention_heads"));
-    let act = r#"{"vocab_size": 10, "hidden_size": 8, "intermediate_size": 4, "num_hidden_layers": 1,
-        "num_attention_heads": 2, "max_position_embeddings": 77, "hidden_act": "relu6"}"#;
-    assert!(ClipTextConfig::from_json(act).unwrap_err().to_string().contains("relu6"));
+    // A config whose heads do not divide the width, an unknown activation; bad ids.
+    let mut c = config(model);
+    c.num_attention_heads = 3;
+    let e = ClipTextModel::load(gpu, &c, &source(model), WeightPolicy::default()).err().expect("heads");
+    assert!(e.to_string().contains("num_attention_heads"), "{e}");
+    let mut c = config(model);
+    c.hidden_act = "relu6".into();
+    let e = ClipTextModel::load(gpu, &c, &source(model), WeightPolicy::default()).err().expect("act");
+    assert!(e.to_string().contains("relu6"), "{e}");
     let m = load(gpu, model, DType::F32, DType::F32);
     let long = vec![0u32; 78];
     let e = m.encode(gpu, &[&long], EncodeOpts::default()).unwrap_err();
@@ -273,6 +278,29 @@ fn quantized_kernels_equal_dequantized_f32_model() {
                 let got = read(gpu, &q.encode(gpu, &rows, EncodeOpts::clip_skip(skip)).unwrap());
                 let want = read(gpu, &f.encode(gpu, &rows, EncodeOpts::clip_skip(skip)).unwrap());
                 Worst::default().check(&format!("{model} {dtype} clip_skip {skip}"), &got, &want, F32_REL, 1e-9);
+            }
+        }
+    }
+}
+
+#[test]
+fn loads_through_checkpoint_folder_and_single_file() {
+    // The folder (a: f32, b: f16 tensors) and the CompVis-named single file (a: f16, b: bf16)
+    // hold the same numbers, so both give the f32 references within the f32 bound.
+    let gpu = gpu_plain();
+    for model in MODELS {
+        let folder = fixtures().join("models").join(model);
+        let file = fixtures().join("models").join(format!("{model}.safetensors"));
+        let want = refs(model, "text_encoder.safetensors");
+        for ck in [checkpoint::open_path(&folder, None), checkpoint::open_path(&file, Some(&folder))] {
+            let ck = ck.unwrap_or_else(|e| panic!("{model}: {e}"));
+            let m = ClipTextModel::load(gpu, &ck.config.text_encoder, &ck.text_encoder, WeightPolicy::default())
+                .unwrap_or_else(|e| panic!("{model}: {e}"));
+            let ids = ck.tokenizer.encode_padded(&prompts(model)[0].1);
+            for (skip, name) in [(0, "prompt_embeds"), (1, "prompt_embeds_clip_skip_1")] {
+                let got = read(gpu, &m.encode(gpu, &[&ids], EncodeOpts::clip_skip(skip)).unwrap());
+                let what = format!("{model} {:?} {name}", ck.layout);
+                Worst::default().check(&what, &got, &want.read_f32(name).unwrap(), F32_REL, 1e-9);
             }
         }
     }

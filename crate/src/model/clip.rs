@@ -25,6 +25,7 @@
 
 use crate::error::{shape_err, Error, Result};
 use crate::gpu::Gpu;
+pub use crate::model::config::ClipTextConfig;
 use crate::model::weights::{WeightPolicy, WeightSource};
 use crate::ops::attention::{attention, AttentionOpts};
 use crate::ops::elementwise::{add, unary, Unary};
@@ -33,96 +34,18 @@ use crate::ops::matmul::linear;
 use crate::ops::norm::layer_norm;
 use crate::quant::DType;
 use crate::tensor::Tensor;
-use serde::Deserialize;
 
 const OP: &str = "clip_text_model";
 
-fn default_eps() -> f32 {
-    1e-5
-}
-
-/// `text_encoder/config.json` (transformers' `CLIPTextConfig`); keys not listed are ignored.
-#[derive(Clone, Debug, PartialEq, Deserialize)]
-pub struct ClipTextConfig {
-    pub vocab_size: usize,
-    pub hidden_size: usize,
-    pub intermediate_size: usize,
-    pub num_hidden_layers: usize,
-    pub num_attention_heads: usize,
-    pub max_position_embeddings: usize,
-    /// `quick_gelu` (OpenAI CLIP, SD1.x), `gelu` (OpenCLIP, SD2.x), `gelu_new` /
-    /// `gelu_pytorch_tanh` (tanh approximation).
-    #[serde(default = "default_act")]
-    pub hidden_act: String,
-    #[serde(default = "default_eps")]
-    pub layer_norm_eps: f32,
-    #[serde(default)]
-    pub eos_token_id: Option<serde_json::Value>,
-    #[serde(default)]
-    pub projection_dim: Option<usize>,
-}
-
-fn default_act() -> String {
-    "quick_gelu".to_string()
-}
-
-impl ClipTextConfig {
-    /// Parses and checks `text_encoder/config.json`.
-    pub fn from_json(json: &str) -> Result<Self> {
-        let c: Self = serde_json::from_str(json).map_err(|e| Error::Format {
-            file: "text_encoder/config.json".to_string(),
-            tensor: None,
-            message: format!("not a CLIP text config: {e}"),
-        })?;
-        c.validate()?;
-        Ok(c)
-    }
-
-    /// Reads `config.json` from a text encoder folder.
-    #[cfg(not(target_arch = "wasm32"))]
-    pub fn from_dir(dir: impl AsRef<std::path::Path>) -> Result<Self> {
-        let path = dir.as_ref().join("config.json");
-        let text = std::fs::read_to_string(&path)
-            .map_err(|e| Error::Io { file: path.display().to_string(), message: e.to_string() })?;
-        Self::from_json(&text)
-    }
-
-    /// Checks sizes that the model cannot run with.
-    pub fn validate(&self) -> Result<()> {
-        let bad = |m: String| Err(Error::Invalid(format!("CLIP text config: {m}")));
-        if self.hidden_size == 0 || self.num_attention_heads == 0 || self.vocab_size == 0 {
-            return bad(format!(
-                "hidden_size {}, num_attention_heads {} and vocab_size {} must be positive",
-                self.hidden_size, self.num_attention_heads, self.vocab_size
-            ));
-        }
-        if !self.hidden_size.is_multiple_of(self.num_attention_heads) {
-            return bad(format!(
-                "hidden_size {} is not a multiple of num_attention_heads {}",
-                self.hidden_size, self.num_attention_heads
-            ));
-        }
-        if self.intermediate_size == 0 || self.max_position_embeddings == 0 {
-            return bad("intermediate_size and max_position_embeddings must be positive".to_string());
-        }
-        self.activation().map(|_| ())
-    }
-
-    /// The MLP activation named by `hidden_act`.
-    pub fn activation(&self) -> Result<Unary> {
-        match self.hidden_act.as_str() {
-            "quick_gelu" => Ok(Unary::QuickGelu),
-            "gelu" => Ok(Unary::Gelu),
-            "gelu_new" | "gelu_pytorch_tanh" | "gelu_fast" => Ok(Unary::GeluTanh),
-            other => Err(Error::Invalid(format!(
-                "CLIP text config: hidden_act `{other}` is not supported (quick_gelu, gelu, gelu_new, \
-                 gelu_pytorch_tanh)"
-            ))),
-        }
-    }
-
-    pub fn head_dim(&self) -> usize {
-        self.hidden_size / self.num_attention_heads
+/// The MLP activation named by `hidden_act`: `quick_gelu` (OpenAI CLIP, SD1.x) or `gelu`
+/// (exact erf GELU; OpenCLIP, SD2.x).
+pub fn activation(config: &ClipTextConfig) -> Result<Unary> {
+    match config.hidden_act.as_str() {
+        "quick_gelu" => Ok(Unary::QuickGelu),
+        "gelu" => Ok(Unary::Gelu),
+        other => Err(Error::Invalid(format!(
+            "CLIP text encoder: hidden_act `{other}` is not supported (quick_gelu, gelu)"
+        ))),
     }
 }
 
@@ -181,11 +104,11 @@ struct LayerNorm {
 }
 
 impl LayerNorm {
-    fn load(gpu: &Gpu, src: &dyn WeightSource, name: &str, d: usize, eps: f32) -> Result<Self> {
+    fn load(gpu: &Gpu, src: &dyn WeightSource, name: &str, d: usize, eps: f64) -> Result<Self> {
         Ok(Self {
             gamma: src.load(gpu, &format!("{name}.weight"), &[d], DType::F32)?,
             beta: src.load(gpu, &format!("{name}.bias"), &[d], DType::F32)?,
-            eps,
+            eps: eps as f32,
         })
     }
     fn forward(&self, gpu: &Gpu, x: &Tensor) -> Result<Tensor> {
@@ -262,7 +185,8 @@ impl ClipTextModel {
         policy: WeightPolicy,
         table: DType,
     ) -> Result<Self> {
-        config.validate()?;
+        config.validate("text_encoder/config.json")?;
+        let act = activation(config)?;
         if !matches!(table, DType::F32 | DType::F16) {
             return Err(Error::DType {
                 op: OP,
@@ -285,7 +209,7 @@ impl ClipTextModel {
         // A file with more layers than the config (a 24-layer OpenCLIP encoder under SD2's
         // 23-layer config) loads the config's layers, as diffusers does.
         let final_layer_norm = LayerNorm::load(gpu, source, "text_model.final_layer_norm", d, c.layer_norm_eps)?;
-        Ok(Self { config: c.clone(), act: c.activation()?, token_embedding, position_embedding, layers, final_layer_norm })
+        Ok(Self { config: c.clone(), act, token_embedding, position_embedding, layers, final_layer_norm })
     }
 
     pub fn config(&self) -> &ClipTextConfig {
@@ -382,7 +306,7 @@ impl ClipTextModel {
                 format!("pooled: hidden state {:?} does not match ids [{b}, {s}]", last_hidden_state.shape()),
             ));
         }
-        let eos = self.config.eos_token_id.as_ref().and_then(|v| v.as_u64());
+        let eos = self.config.eos_token_id.as_ref().map(|v| v.at(0) as u64);
         let rows: Vec<u32> = ids
             .iter()
             .enumerate()
