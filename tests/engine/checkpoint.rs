@@ -8,7 +8,8 @@ use loralab::io::safetensors::SafetensorsFile;
 use loralab::model::checkpoint::{
     compvis_to_diffusers, open_path, Checkpoint, Component, ComponentWeights, Layout, Mapped,
 };
-use loralab::model::config::{ClipTextConfig, PerLevel, PipelineConfig, SchedulerConfig, UNetConfig, VaeConfig};
+use loralab::model::config::{ClipTextConfig, PerLevel, PipelineConfig, UNetConfig, VaeConfig};
+use loralab::sampler::{BetaSchedule, PredictionType, Sampler, SamplerConfig, SamplerKind};
 use loralab::model::WeightSource;
 use loralab::{DType, Error};
 use std::path::{Path, PathBuf};
@@ -106,9 +107,11 @@ fn configs_parse_with_file_values() {
     assert_eq!((v.latent_channels, v.scaling_factor), (4, 0.18215));
     let s = &a.config.scheduler;
     assert_eq!(s.class_name.as_deref(), Some("PNDMScheduler"));
-    assert_eq!((s.num_train_timesteps, s.beta_start, s.beta_end, s.steps_offset), (1000, 0.00085, 0.012, 1));
-    assert_eq!((s.beta_schedule.as_str(), s.prediction_type.as_str()), ("scaled_linear", "epsilon"));
-    assert_eq!((s.clip_sample, s.set_alpha_to_one, s.timestep_spacing.as_deref()), (Some(false), Some(false), None));
+    assert_eq!((s.num_train_timesteps, s.beta_start, s.beta_end, s.steps_offset), (Some(1000), Some(0.00085), Some(0.012), Some(1)));
+    // `prediction_type` is absent from the file: the scheduler class's default applies.
+    let p = Sampler::new(SamplerKind::Ddim, s).unwrap().params().clone();
+    assert_eq!((s.beta_schedule, p.prediction_type), (Some(BetaSchedule::ScaledLinear), PredictionType::Epsilon));
+    assert_eq!((s.clip_sample, s.set_alpha_to_one, s.timestep_spacing), (Some(false), Some(false), None));
     assert_eq!(s.extra.get("skip_prk_steps"), Some(&serde_json::Value::Bool(true)));
     assert_eq!(a.model_index.as_ref().and_then(|m| m.class_of("unet")), Some("UNet2DConditionModel"));
 
@@ -128,7 +131,7 @@ fn configs_parse_with_file_values() {
     assert_eq!(sd15.vae.block_out_channels, vec![128, 256, 512, 512]);
     let sd21 = PipelineConfig::sd21();
     assert_eq!((sd21.unet.heads(0), sd21.unet.head_dim(0), sd21.unet.head_dim(3)), (5, 64, 64));
-    assert_eq!((sd21.text_encoder.num_hidden_layers, sd21.scheduler.prediction_type.as_str()), (23, "v_prediction"));
+    assert_eq!((sd21.text_encoder.num_hidden_layers, sd21.scheduler.prediction_type), (23, Some(PredictionType::VPrediction)));
     for c in [&sd15, &sd21] {
         c.unet.validate("sd").unwrap();
         c.text_encoder.validate("sd").unwrap();
@@ -142,8 +145,9 @@ fn configs_parse_with_file_values() {
     assert_eq!((t.hidden_size, t.num_attention_heads, t.eos_token_id.clone()), (512, 8, Some(PerLevel::One(49407))));
     let v = VaeConfig::from_json("{}", "vae/config.json").unwrap();
     assert_eq!((v.block_out_channels.clone(), v.norm_num_groups, v.sample_size.is_some()), (vec![64], 32, true));
-    let s = SchedulerConfig::from_json("{}", "scheduler_config.json").unwrap();
-    assert_eq!((s.beta_start, s.beta_schedule.as_str(), s.steps_offset), (0.0001, "linear", 0));
+    let s = SamplerConfig::from_json("{}", "scheduler_config.json").unwrap();
+    let p = Sampler::new(SamplerKind::Ddim, &s).unwrap().params().clone();
+    assert_eq!((p.beta_start, p.beta_schedule, p.steps_offset), (0.0001, BetaSchedule::Linear, 0));
 }
 
 #[test]
@@ -175,9 +179,9 @@ fn bad_configs_name_file_and_field() {
     assert_contains(&m, &["hidden_act", "relu"]);
     let m = message(VaeConfig::from_json("{\"block_out_channels\": [64, 64]}", "vae.json"));
     assert_contains(&m, &["vae.json", "down_block_types", "block_out_channels has 2"]);
-    let m = message(SchedulerConfig::from_json("{\"beta_schedule\": \"cosine\"}", "s.json"));
+    let m = message(SamplerConfig::from_json("{\"beta_schedule\": \"cosine\"}", "s.json"));
     assert_contains(&m, &["s.json", "beta_schedule", "cosine"]);
-    let m = message(SchedulerConfig::from_json("{\"trained_betas\": [0.1, 0.2]}", "s.json"));
+    let m = message(SamplerConfig::from_json("{\"trained_betas\": [0.1, 0.2]}", "s.json"));
     assert_contains(&m, &["trained_betas", "2 values", "1000"]);
     let xl = r#"{"_class_name": "StableDiffusionXLPipeline", "unet": ["diffusers", "UNet2DConditionModel"],
         "text_encoder_2": ["transformers", "CLIPTextModelWithProjection"]}"#;

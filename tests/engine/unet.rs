@@ -11,7 +11,8 @@
 
 use super::common::{block, gpu, gpu_plain};
 use loralab::io::safetensors::SafetensorsFile;
-use loralab::model::unet::{UNet2DConditionModel, UNetConfig};
+use loralab::model::config::{PerLevel, UNetConfig};
+use loralab::model::unet::UNet2DConditionModel;
 use loralab::model::{SafetensorsSource, WeightPolicy};
 use loralab::model::WeightSource;
 use loralab::quant::{nmse, round_trip};
@@ -25,7 +26,7 @@ fn fixtures() -> PathBuf {
 
 fn config(model: &str) -> UNetConfig {
     let text = std::fs::read_to_string(fixtures().join(format!("models/{model}/unet/config.json"))).unwrap();
-    UNetConfig::from_json(&text).unwrap()
+    UNetConfig::from_json(&text, &format!("{model}/unet/config.json")).unwrap()
 }
 
 fn source(model: &str) -> SafetensorsSource<loralab::io::LocalFile> {
@@ -213,25 +214,26 @@ fn unet_rejects_weights_of_another_configuration() {
 
     // Fewer layers per block than the file has.
     let mut c = config("tiny-sd15-b");
-    c.layers_per_block = loralab::model::unet::PerBlock::One(1);
+    c.layers_per_block = PerLevel::One(1);
     let err = UNet2DConditionModel::load(g, &c, &source("tiny-sd15-b"), WeightPolicy::default()).err().unwrap();
     assert!(matches!(err, Error::Format { tensor: Some(_), .. }), "{err}");
 
     // Wrong head count: the heads must divide the channels as diffusers does; 3 heads of a
     // 16-channel block leave 15 inner channels, which the weights contradict.
     let mut c = config("tiny-sd15-a");
-    c.attention_head_dim = loralab::model::unet::PerBlock::One(3);
+    c.attention_head_dim = PerLevel::One(3);
     let err = UNet2DConditionModel::load(g, &c, &source("tiny-sd15-a"), WeightPolicy::default()).err().unwrap();
     assert!(matches!(err, Error::Format { tensor: Some(_), .. }), "{err}");
 
     // Settings outside SD1.x/SD2.x are refused, not approximated.
-    let text = std::fs::read_to_string(fixtures().join("models/tiny-sd15-a/unet/config.json")).unwrap();
-    let sdxl = text.replace("\"addition_embed_type\": null", "\"addition_embed_type\": \"text_time\"");
-    let err = UNet2DConditionModel::load(g, &UNetConfig::from_json(&sdxl).unwrap(), &source("tiny-sd15-a"), WeightPolicy::default())
+    // (Parsing refuses them too, naming the file: tests/engine/checkpoint.rs.)
+    let mut sdxl = config("tiny-sd15-a");
+    sdxl.addition_embed_type = Some("text_time".into());
+    let err = UNet2DConditionModel::load(g, &sdxl, &source("tiny-sd15-a"), WeightPolicy::default())
         .err()
         .unwrap();
     assert!(matches!(err, Error::Invalid(_)), "{err}");
-    assert!(UNetConfig::from_json("{\"block_out_channels\": \"x\"}").is_err());
+    assert!(UNetConfig::from_json("{\"block_out_channels\": \"x\"}", "unet/config.json").is_err());
 }
 
 #[test]

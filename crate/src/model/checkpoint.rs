@@ -17,7 +17,7 @@
 //! Everything here is generic over [`RangeRead`] / [`ModelFiles`] so the browser can use it;
 //! only [`LocalDir`] and [`open_path`] touch the file system.
 
-use super::config::{ClipTextConfig, ModelIndex, PipelineConfig, SchedulerConfig, UNetConfig, VaeConfig};
+use super::config::{ClipTextConfig, ModelIndex, PipelineConfig, SamplerConfig, UNetConfig, VaeConfig};
 use super::tokenizer::ClipTokenizer;
 use super::weights::{check_shape, WeightSource};
 use crate::error::{Error, Result};
@@ -294,7 +294,7 @@ pub fn read_folder_config<F: ModelFiles>(files: &F) -> Result<(ModelIndex, Pipel
         ClipTextConfig::from_json(&text("text_encoder/config.json")?, &files.display("text_encoder/config.json"))?;
     let vae = VaeConfig::from_json(&text("vae/config.json")?, &files.display("vae/config.json"))?;
     let sched = "scheduler/scheduler_config.json";
-    let scheduler = SchedulerConfig::from_json(&text(sched)?, &files.display(sched))?;
+    let scheduler = SamplerConfig::from_json(&text(sched)?, &files.display(sched))?;
     Ok((index, PipelineConfig { unet, text_encoder, vae, scheduler }))
 }
 

@@ -3,8 +3,9 @@
 //! `model_index.json`). Fields absent from a file take the defaults of the constructor they
 //! follow: diffusers `UNet2DConditionModel.__init__` (models/unets/unet_2d_condition.py),
 //! `AutoencoderKL.__init__` (models/autoencoders/autoencoder_kl.py), transformers
-//! `CLIPTextConfig` (models/clip/configuration_clip.py) and the DDPM-family schedulers
-//! (schedulers/scheduling_ddpm.py, scheduling_ddim.py). Unknown keys are ignored; values the
+//! `CLIPTextConfig` (models/clip/configuration_clip.py). The scheduler's configuration is
+//! [`crate::sampler::SamplerConfig`]: its absent keys take the defaults of the scheduler class a
+//! sampler is built as (see `crate::sampler::config`). Unknown keys are ignored; values the
 //! engine cannot run (SDXL's added embeddings, class embeddings, unknown block types) and
 //! impossible values are errors naming the file and the field.
 
@@ -14,12 +15,13 @@ use serde::Deserialize;
 use std::collections::BTreeMap;
 
 mod clip;
-mod scheduler;
 mod unet;
 mod vae;
 
 pub use clip::ClipTextConfig;
-pub use scheduler::SchedulerConfig;
+/// The scheduler configuration is the samplers' own, whose class-dependent defaults apply when
+/// a sampler is built from it.
+pub use crate::sampler::SamplerConfig;
 pub use unet::{UNetConfig, CROSS_ATTN_DOWN, CROSS_ATTN_UP, DOWN, MID_CROSS_ATTN, UP};
 pub use vae::VaeConfig;
 
@@ -81,13 +83,6 @@ fn check_one_of(file: &str, field: &str, value: &str, allowed: &[&str]) -> Resul
         Ok(())
     } else {
         Err(err(file, field, format!("`{value}` is not supported (supported: {})", allowed.join(", "))))
-    }
-}
-
-fn reject_set<T: std::fmt::Debug>(file: &str, field: &str, v: &Option<T>, why: &str) -> Result<()> {
-    match v {
-        Some(v) => Err(err(file, field, format!("{v:?} is not supported: {why}"))),
-        None => Ok(()),
     }
 }
 
@@ -170,7 +165,7 @@ pub struct PipelineConfig {
     pub unet: UNetConfig,
     pub text_encoder: ClipTextConfig,
     pub vae: VaeConfig,
-    pub scheduler: SchedulerConfig,
+    pub scheduler: SamplerConfig,
 }
 
 impl PipelineConfig {
@@ -180,7 +175,7 @@ impl PipelineConfig {
             unet: UNetConfig::sd15(),
             text_encoder: ClipTextConfig::sd15(),
             vae: VaeConfig::sd15(),
-            scheduler: SchedulerConfig::sd15(),
+            scheduler: SamplerConfig::sd15(),
         }
     }
 
@@ -190,7 +185,7 @@ impl PipelineConfig {
             unet: UNetConfig::sd21(),
             text_encoder: ClipTextConfig::sd21(),
             vae: VaeConfig::sd21(),
-            scheduler: SchedulerConfig::sd21(),
+            scheduler: SamplerConfig::sd21(),
         }
     }
 }

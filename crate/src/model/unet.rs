@@ -1,11 +1,12 @@
 //! The denoising UNet of SD1.x / SD2.x, after diffusers'
 //! `models/unets/unet_2d_condition.py` (`UNet2DConditionModel`), built entirely from its
-//! `unet/config.json`. Parameters come by diffusers name (`down_blocks.0.resnets.0.conv1.weight`,
-//! …) from a [`WeightSource`].
+//! `unet/config.json` (the shared [`UNetConfig`] of `model::config`). Parameters come by
+//! diffusers name (`down_blocks.0.resnets.0.conv1.weight`, …) from a [`WeightSource`].
 //!
 //! Layout: the latent sample and every feature map are NCHW `[B, C, H, W]` f32; the
 //! transformers work on `[B, H·W, C]` tokens.
 
+use super::config::{PerLevel, UNetConfig};
 use super::embeddings::{TimestepEmbedding, Timesteps};
 use super::resnet::{Conv2d, GroupNorm};
 use super::unet_blocks::{BlockSpec, DownBlock, MidBlock, UpBlock};
@@ -14,261 +15,6 @@ use crate::error::{shape_err, Error, Result};
 use crate::gpu::Gpu;
 use crate::ops::elementwise::{silu, unary, Unary};
 use crate::tensor::Tensor;
-use serde::Deserialize;
-
-/// A config value given once for every block or as a per-block list.
-#[derive(Clone, Debug, Deserialize, PartialEq)]
-#[serde(untagged)]
-pub enum PerBlock<T> {
-    Each(Vec<T>),
-    One(T),
-}
-
-impl<T: Clone> PerBlock<T> {
-    /// The value of each of `n` blocks (a list must have `n` entries).
-    pub fn expand(&self, n: usize, what: &str) -> Result<Vec<T>> {
-        match self {
-            PerBlock::One(v) => Ok(vec![v.clone(); n]),
-            PerBlock::Each(v) if v.len() == n => Ok(v.clone()),
-            PerBlock::Each(v) => Err(Error::Invalid(format!(
-                "UNet config: {what} has {} entries but there are {n} down blocks",
-                v.len()
-            ))),
-        }
-    }
-}
-
-fn d_true() -> bool {
-    true
-}
-fn d_4() -> usize {
-    4
-}
-fn d_1() -> usize {
-    1
-}
-fn d_3() -> usize {
-    3
-}
-fn d_1f() -> f32 {
-    1.0
-}
-fn d_eps() -> f32 {
-    1e-5
-}
-fn d_groups() -> Option<usize> {
-    Some(32)
-}
-fn d_down() -> Vec<String> {
-    ["CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "DownBlock2D"].map(String::from).to_vec()
-}
-fn d_up() -> Vec<String> {
-    ["UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D"].map(String::from).to_vec()
-}
-fn d_mid() -> Option<String> {
-    Some("UNetMidBlock2DCrossAttn".into())
-}
-fn d_channels() -> Vec<usize> {
-    vec![320, 640, 1280, 1280]
-}
-fn d_layers() -> PerBlock<usize> {
-    PerBlock::One(2)
-}
-fn d_one() -> PerBlock<PerBlock<usize>> {
-    PerBlock::One(PerBlock::One(1))
-}
-fn d_cross() -> PerBlock<usize> {
-    PerBlock::One(1280)
-}
-fn d_heads() -> PerBlock<usize> {
-    PerBlock::One(8)
-}
-fn d_false() -> PerBlock<bool> {
-    PerBlock::One(false)
-}
-fn d_silu() -> String {
-    "silu".into()
-}
-fn d_default() -> String {
-    "default".into()
-}
-fn d_positional() -> String {
-    "positional".into()
-}
-
-/// `unet/config.json` of a `UNet2DConditionModel`, with diffusers' defaults for absent keys.
-#[derive(Clone, Debug, Deserialize)]
-pub struct UNetConfig {
-    #[serde(default)]
-    pub sample_size: Option<serde_json::Value>,
-    #[serde(default = "d_4")]
-    pub in_channels: usize,
-    #[serde(default = "d_4")]
-    pub out_channels: usize,
-    #[serde(default)]
-    pub center_input_sample: bool,
-    #[serde(default = "d_true")]
-    pub flip_sin_to_cos: bool,
-    #[serde(default)]
-    pub freq_shift: f32,
-    #[serde(default = "d_down")]
-    pub down_block_types: Vec<String>,
-    #[serde(default = "d_mid")]
-    pub mid_block_type: Option<String>,
-    #[serde(default = "d_up")]
-    pub up_block_types: Vec<String>,
-    #[serde(default = "d_false")]
-    pub only_cross_attention: PerBlock<bool>,
-    #[serde(default = "d_channels")]
-    pub block_out_channels: Vec<usize>,
-    #[serde(default = "d_layers")]
-    pub layers_per_block: PerBlock<usize>,
-    #[serde(default = "d_1")]
-    pub downsample_padding: usize,
-    #[serde(default = "d_1f")]
-    pub mid_block_scale_factor: f32,
-    #[serde(default = "d_silu")]
-    pub act_fn: String,
-    #[serde(default = "d_groups")]
-    pub norm_num_groups: Option<usize>,
-    #[serde(default = "d_eps")]
-    pub norm_eps: f32,
-    #[serde(default = "d_cross")]
-    pub cross_attention_dim: PerBlock<usize>,
-    #[serde(default = "d_one")]
-    pub transformer_layers_per_block: PerBlock<PerBlock<usize>>,
-    #[serde(default)]
-    pub reverse_transformer_layers_per_block: Option<Vec<PerBlock<usize>>>,
-    #[serde(default)]
-    pub encoder_hid_dim: Option<usize>,
-    #[serde(default)]
-    pub encoder_hid_dim_type: Option<String>,
-    /// Number of heads per block in diffusers' legacy naming (see [`UNetConfig::heads`]).
-    #[serde(default = "d_heads")]
-    pub attention_head_dim: PerBlock<usize>,
-    #[serde(default)]
-    pub num_attention_heads: Option<PerBlock<usize>>,
-    #[serde(default)]
-    pub dual_cross_attention: bool,
-    #[serde(default)]
-    pub use_linear_projection: bool,
-    #[serde(default)]
-    pub class_embed_type: Option<String>,
-    #[serde(default)]
-    pub addition_embed_type: Option<String>,
-    #[serde(default)]
-    pub num_class_embeds: Option<usize>,
-    #[serde(default)]
-    pub upcast_attention: bool,
-    #[serde(default = "d_default")]
-    pub resnet_time_scale_shift: String,
-    #[serde(default)]
-    pub resnet_skip_time_act: bool,
-    #[serde(default = "d_1f")]
-    pub resnet_out_scale_factor: f32,
-    #[serde(default = "d_positional")]
-    pub time_embedding_type: String,
-    #[serde(default)]
-    pub time_embedding_dim: Option<usize>,
-    #[serde(default)]
-    pub time_embedding_act_fn: Option<String>,
-    #[serde(default)]
-    pub timestep_post_act: Option<String>,
-    #[serde(default)]
-    pub time_cond_proj_dim: Option<usize>,
-    #[serde(default = "d_3")]
-    pub conv_in_kernel: usize,
-    #[serde(default = "d_3")]
-    pub conv_out_kernel: usize,
-    #[serde(default = "d_default")]
-    pub attention_type: String,
-    #[serde(default)]
-    pub class_embeddings_concat: bool,
-    #[serde(default)]
-    pub mid_block_only_cross_attention: Option<bool>,
-    #[serde(default)]
-    pub cross_attention_norm: Option<String>,
-}
-
-impl UNetConfig {
-    /// Parses `unet/config.json`.
-    pub fn from_json(text: &str) -> Result<Self> {
-        serde_json::from_str(text).map_err(|e| Error::Format {
-            file: "unet/config.json".into(),
-            tensor: None,
-            message: format!("is not a UNet2DConditionModel config: {e}"),
-        })
-    }
-
-    /// Heads per down block: `num_attention_heads or attention_head_dim`, as diffusers reads
-    /// the config (SD1.x/SD2.x store the head COUNT in `attention_head_dim`).
-    pub fn heads(&self) -> Result<Vec<usize>> {
-        let n = self.down_block_types.len();
-        match &self.num_attention_heads {
-            Some(h) => h.expand(n, "num_attention_heads"),
-            None => self.attention_head_dim.expand(n, "attention_head_dim"),
-        }
-    }
-
-    /// Rejects settings this implementation does not cover (SDXL's added embeddings, class
-    /// embeddings, scale-shift time conditioning, …) instead of computing something else.
-    pub fn check_supported(&self) -> Result<()> {
-        let unsupported = |what: String| {
-            Err(Error::Invalid(format!("UNet config: {what} is not supported (SD1.x/SD2.x UNets only)")))
-        };
-        let n = self.down_block_types.len();
-        if n == 0 || self.block_out_channels.len() != n || self.up_block_types.len() != n {
-            return unsupported(format!(
-                "{} down blocks, {} up blocks and {} block_out_channels",
-                n,
-                self.up_block_types.len(),
-                self.block_out_channels.len()
-            ));
-        }
-        for t in &self.down_block_types {
-            if t != "DownBlock2D" && t != "CrossAttnDownBlock2D" {
-                return unsupported(format!("down block type {t:?}"));
-            }
-        }
-        for t in &self.up_block_types {
-            if t != "UpBlock2D" && t != "CrossAttnUpBlock2D" {
-                return unsupported(format!("up block type {t:?}"));
-            }
-        }
-        if self.mid_block_type.as_deref() != Some("UNetMidBlock2DCrossAttn") {
-            return unsupported(format!("mid block type {:?}", self.mid_block_type));
-        }
-        let checks: [(bool, String); 12] = [
-            (self.act_fn != "silu" && self.act_fn != "swish", format!("act_fn {:?}", self.act_fn)),
-            (self.norm_num_groups.is_none(), "norm_num_groups null".into()),
-            (self.class_embed_type.is_some() || self.num_class_embeds.is_some(), "class embeddings".into()),
-            (self.addition_embed_type.is_some(), format!("addition_embed_type {:?}", self.addition_embed_type)),
-            (self.encoder_hid_dim_type.is_some() || self.encoder_hid_dim.is_some(), "encoder_hid_dim".into()),
-            (self.dual_cross_attention, "dual_cross_attention".into()),
-            (self.resnet_time_scale_shift != "default", format!("resnet_time_scale_shift {:?}", self.resnet_time_scale_shift)),
-            (self.time_embedding_type != "positional", format!("time_embedding_type {:?}", self.time_embedding_type)),
-            (
-                self.time_embedding_dim.is_some() || self.time_embedding_act_fn.is_some() || self.timestep_post_act.is_some(),
-                "time_embedding_dim / time_embedding_act_fn / timestep_post_act".into(),
-            ),
-            (self.attention_type != "default", format!("attention_type {:?}", self.attention_type)),
-            (self.cross_attention_norm.is_some(), "cross_attention_norm".into()),
-            (self.class_embeddings_concat, "class_embeddings_concat".into()),
-        ];
-        if let Some((_, what)) = checks.into_iter().find(|(bad, _)| *bad) {
-            return unsupported(what);
-        }
-        Ok(())
-    }
-}
-
-/// Entries of a transformer-layer spec for `layers` resnets.
-fn per_layer(v: &PerBlock<usize>, layers: usize) -> Vec<usize> {
-    match v {
-        PerBlock::One(n) => vec![*n; layers],
-        PerBlock::Each(v) => v.clone(),
-    }
-}
 
 /// diffusers' `UNet2DConditionModel` for SD1.x / SD2.x configurations.
 pub struct UNet2DConditionModel {
@@ -291,19 +37,16 @@ impl UNet2DConditionModel {
     pub fn load(gpu: &Gpu, config: &UNetConfig, src: &dyn WeightSource, policy: WeightPolicy) -> Result<Self> {
         let c = config;
         c.check_supported()?;
-        let n = c.down_block_types.len();
+        let n = c.levels();
         let ch = &c.block_out_channels;
-        let heads = c.heads()?;
-        let cross = c.cross_attention_dim.expand(n, "cross_attention_dim")?;
-        let layers = c.layers_per_block.expand(n, "layers_per_block")?;
-        let tlayers = c.transformer_layers_per_block.expand(n, "transformer_layers_per_block")?;
-        let only_cross = c.only_cross_attention.expand(n, "only_cross_attention")?;
+        // diffusers: `mid_block_only_cross_attention` defaults to `only_cross_attention` when
+        // that is a single bool, else to false.
         let mid_only_cross = c.mid_block_only_cross_attention.unwrap_or(match &c.only_cross_attention {
-            PerBlock::One(b) => *b,
-            PerBlock::Each(_) => false,
+            PerLevel::One(b) => *b,
+            PerLevel::Each(_) => false,
         });
-        let groups = c.norm_num_groups.unwrap_or(32);
-        let temb_dim = ch[0] * 4;
+        let groups = c.norm_groups();
+        let temb_dim = c.time_embed_dim();
         let base = BlockSpec {
             cross_attention: true,
             num_layers: 1,
@@ -313,7 +56,7 @@ impl UNet2DConditionModel {
             prev_output_channel: 0,
             temb_channels: temb_dim,
             resample: false,
-            eps: c.norm_eps,
+            eps: c.norm_eps as f32,
             groups,
             cross_attention_dim: 0,
             heads: 0,
@@ -325,23 +68,25 @@ impl UNet2DConditionModel {
 
         let pad_in = (c.conv_in_kernel - 1) / 2;
         let conv_in = Conv2d::load(gpu, src, policy, "conv_in", c.in_channels, ch[0], c.conv_in_kernel, 1, pad_in)?;
-        let time_proj = Timesteps { num_channels: ch[0], flip_sin_to_cos: c.flip_sin_to_cos, downscale_freq_shift: c.freq_shift };
+        let time_proj =
+            Timesteps { num_channels: ch[0], flip_sin_to_cos: c.flip_sin_to_cos, downscale_freq_shift: c.freq_shift as f32 };
         let time_embedding =
             TimestepEmbedding::load(gpu, src, policy, "time_embedding", ch[0], temb_dim, c.time_cond_proj_dim)?;
 
         let mut down_specs = Vec::with_capacity(n);
         let mut down_blocks = Vec::with_capacity(n);
         for i in 0..n {
+            let layers = c.layers_per_block(i);
             let s = BlockSpec {
-                cross_attention: c.down_block_types[i] == "CrossAttnDownBlock2D",
-                num_layers: layers[i],
-                transformer_layers: per_layer(&tlayers[i], layers[i]),
+                cross_attention: c.down_has_attention(i),
+                num_layers: layers,
+                transformer_layers: vec![c.transformer_layers(i); layers],
                 in_channels: if i == 0 { ch[0] } else { ch[i - 1] },
                 out_channels: ch[i],
                 resample: i + 1 < n,
-                cross_attention_dim: cross[i],
-                heads: heads[i],
-                only_cross_attention: only_cross[i],
+                cross_attention_dim: c.cross_attention_dim(i),
+                heads: c.heads(i),
+                only_cross_attention: c.only_cross_attention(i),
                 ..base.clone()
             };
             down_blocks.push(DownBlock::load(gpu, src, policy, &format!("down_blocks.{i}"), &s)?);
@@ -349,51 +94,44 @@ impl UNet2DConditionModel {
         }
         let mid_spec = BlockSpec {
             num_layers: 1,
-            transformer_layers: per_layer(&tlayers[n - 1], 1),
+            transformer_layers: vec![c.transformer_layers(n - 1)],
             in_channels: ch[n - 1],
             out_channels: ch[n - 1],
-            cross_attention_dim: cross[n - 1],
-            heads: heads[n - 1],
+            cross_attention_dim: c.cross_attention_dim(n - 1),
+            heads: c.heads(n - 1),
             only_cross_attention: mid_only_cross,
-            output_scale_factor: c.mid_block_scale_factor,
+            output_scale_factor: c.mid_block_scale_factor as f32,
             ..base.clone()
         };
         let mid_block = MidBlock::load(gpu, src, policy, "mid_block", &mid_spec)?;
 
-        let rev_t: Vec<PerBlock<usize>> = match &c.reverse_transformer_layers_per_block {
-            Some(r) => r.clone(),
-            None => tlayers.iter().rev().cloned().collect(),
-        };
-        if rev_t.len() != n {
-            return Err(Error::Invalid(format!(
-                "UNet config: reverse_transformer_layers_per_block has {} entries for {n} up blocks",
-                rev_t.len()
-            )));
-        }
         let mut up_specs = Vec::with_capacity(n);
         let mut up_blocks = Vec::with_capacity(n);
         let mut out_ch = ch[n - 1];
-        for (i, rev) in rev_t.iter().enumerate() {
-            let r = n - 1 - i; // the mirrored down level
+        // Up block i mirrors down level n-1-i (diffusers reverses every per-level list,
+        // `transformer_layers_per_block` included).
+        for i in 0..n {
+            let r = n - 1 - i;
+            let layers = c.layers_per_block(r) + 1;
             let prev = out_ch;
             out_ch = ch[r];
             let s = BlockSpec {
-                cross_attention: c.up_block_types[i] == "CrossAttnUpBlock2D",
-                num_layers: layers[r] + 1,
-                transformer_layers: per_layer(rev, layers[r] + 1),
+                cross_attention: c.up_has_attention(i),
+                num_layers: layers,
+                transformer_layers: vec![c.transformer_layers(r); layers],
                 in_channels: ch[r.saturating_sub(1)],
                 out_channels: out_ch,
                 prev_output_channel: prev,
                 resample: i + 1 < n,
-                cross_attention_dim: cross[r],
-                heads: heads[r],
-                only_cross_attention: only_cross[r],
+                cross_attention_dim: c.cross_attention_dim(r),
+                heads: c.heads(r),
+                only_cross_attention: c.only_cross_attention(r),
                 ..base.clone()
             };
             up_blocks.push(UpBlock::load(gpu, src, policy, &format!("up_blocks.{i}"), &s)?);
             up_specs.push(s);
         }
-        let conv_norm_out = GroupNorm::load(gpu, src, policy, "conv_norm_out", groups, ch[0], c.norm_eps)?;
+        let conv_norm_out = GroupNorm::load(gpu, src, policy, "conv_norm_out", groups, ch[0], c.norm_eps as f32)?;
         let pad_out = (c.conv_out_kernel - 1) / 2;
         let conv_out = Conv2d::load(gpu, src, policy, "conv_out", ch[0], c.out_channels, c.conv_out_kernel, 1, pad_out)?;
 
@@ -417,10 +155,7 @@ impl UNet2DConditionModel {
 
     /// Width of `encoder_hidden_states` the first cross-attention expects.
     pub fn cross_attention_dim(&self) -> usize {
-        match &self.config.cross_attention_dim {
-            PerBlock::One(d) => *d,
-            PerBlock::Each(v) => v[0],
-        }
+        self.config.cross_attention_dim(0)
     }
 
     /// Factor the sample's height and width must be a multiple of (2^(levels-1)).

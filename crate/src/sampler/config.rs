@@ -2,12 +2,16 @@
 //! builds a sampler with `<SchedulerClass>.from_config(config, **overrides)`, so a key absent
 //! from the file takes the default of the class being built (DDIMScheduler's `clip_sample` is
 //! true, EulerDiscreteScheduler's `timestep_spacing` is `linspace`, ...). `Sampler::new`
-//! applies those defaults; this module only parses and type-checks. Unknown keys (PNDM's
-//! `skip_prk_steps`, `_diffusers_version`, ...) are ignored; a known key with a value of the
-//! wrong type or outside its choices is an error naming the field.
+//! applies those defaults; this module only parses and type-checks. This is also the
+//! pipeline's scheduler configuration (`model::config::PipelineConfig::scheduler`). Keys the
+//! samplers do not read (PNDM's `skip_prk_steps`, `_diffusers_version`, ...) are kept in
+//! `extra`; a known key with a value of the wrong type or outside its choices is an error
+//! naming the field.
 
 use crate::error::{Error, Result};
 use serde_json::{Map, Value};
+use std::cell::RefCell;
+use std::collections::{BTreeMap, BTreeSet};
 
 /// How the training betas are laid out over `num_train_timesteps`.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -89,7 +93,12 @@ pub struct SamplerConfig {
     pub variance_type: Option<String>,
     pub original_inference_steps: Option<usize>,
     pub timestep_scaling: Option<f64>,
+    /// Every other key of the file, as written (`skip_prk_steps`, `_diffusers_version`, ...).
+    pub extra: BTreeMap<String, Value>,
 }
+
+/// `num_train_timesteps` of every diffusers scheduler class when absent.
+const DEFAULT_TRAIN_TIMESTEPS: usize = 1000;
 
 fn field_err(file: &str, field: &str, message: impl std::fmt::Display) -> Error {
     Error::Format { file: file.to_string(), tensor: None, message: format!("field `{field}`: {message}") }
@@ -140,10 +149,13 @@ fn python_json_to_strict(text: &str) -> String {
 struct Fields<'a> {
     map: &'a Map<String, Value>,
     file: &'a str,
+    /// The keys read so far; the others go to `extra`.
+    read: RefCell<BTreeSet<String>>,
 }
 
 impl Fields<'_> {
     fn get(&self, key: &str) -> Option<&Value> {
+        self.read.borrow_mut().insert(key.to_string());
         self.map.get(key).filter(|v| !v.is_null())
     }
     fn bool(&self, key: &str) -> Result<Option<bool>> {
@@ -213,7 +225,7 @@ impl SamplerConfig {
             tensor: None,
             message: "a scheduler config must be a JSON object".into(),
         })?;
-        let f = Fields { map, file };
+        let f = Fields { map, file, read: RefCell::new(BTreeSet::new()) };
         let trained_betas = match f.get("trained_betas") {
             None => None,
             Some(Value::Array(a)) => Some(
@@ -280,11 +292,24 @@ impl SamplerConfig {
             variance_type: f.string("variance_type")?,
             original_inference_steps: f.uint("original_inference_steps")?,
             timestep_scaling: f.positive("timestep_scaling")?,
+            extra: BTreeMap::new(),
         };
-        if c.num_train_timesteps == Some(0) {
+        let read = f.read.into_inner();
+        let extra = map.iter().filter(|(k, _)| !read.contains(*k)).map(|(k, v)| (k.clone(), v.clone())).collect();
+        let c = SamplerConfig { extra, ..c };
+        c.validate(file)?;
+        Ok(c)
+    }
+
+    /// Checks the values against each other (a parsed config is already checked); `file`
+    /// names the config in errors. Values whose default depends on the scheduler class are
+    /// checked again, with those defaults, by `Sampler::new`.
+    pub fn validate(&self, file: &str) -> Result<()> {
+        let n = self.num_train_timesteps.unwrap_or(DEFAULT_TRAIN_TIMESTEPS);
+        if n == 0 {
             return Err(field_err(file, "num_train_timesteps", "must be at least 1"));
         }
-        if let (Some(n), Some(b)) = (c.num_train_timesteps, &c.trained_betas) {
+        if let Some(b) = &self.trained_betas {
             if b.len() != n {
                 return Err(field_err(
                     file,
@@ -292,16 +317,50 @@ impl SamplerConfig {
                     format!("has {} values but num_train_timesteps is {n}", b.len()),
                 ));
             }
-        }
-        if let Some(b) = &c.trained_betas {
-            if b.is_empty() || b.iter().any(|&x| !(0.0..=1.0).contains(&x)) {
+            if b.iter().any(|&x| !(0.0..=1.0).contains(&x)) {
                 return Err(field_err(
                     file,
                     "trained_betas",
                     "values must lie in [0, 1] and the list must not be empty",
                 ));
             }
+        } else {
+            for (field, v) in [("beta_start", self.beta_start), ("beta_end", self.beta_end)] {
+                if let Some(v) = v.filter(|v| !(*v > 0.0 && *v < 1.0)) {
+                    return Err(field_err(file, field, format!("{v} is not in (0, 1)")));
+                }
+            }
+            if let (Some(start), Some(end)) = (self.beta_start, self.beta_end) {
+                if start >= end {
+                    return Err(field_err(file, "beta_end", format!("{end} is not above beta_start {start}")));
+                }
+            }
         }
-        Ok(c)
+        Ok(())
+    }
+
+    /// Stable Diffusion 1.5's `scheduler/scheduler_config.json` (PNDMScheduler).
+    pub fn sd15() -> Self {
+        SamplerConfig {
+            class_name: Some("PNDMScheduler".into()),
+            num_train_timesteps: Some(1000),
+            beta_start: Some(0.00085),
+            beta_end: Some(0.012),
+            beta_schedule: Some(BetaSchedule::ScaledLinear),
+            steps_offset: Some(1),
+            clip_sample: Some(false),
+            set_alpha_to_one: Some(false),
+            extra: BTreeMap::from([("skip_prk_steps".to_string(), Value::Bool(true))]),
+            ..Self::default()
+        }
+    }
+
+    /// Stable Diffusion 2.1's (768, v-prediction; DDIMScheduler).
+    pub fn sd21() -> Self {
+        SamplerConfig {
+            class_name: Some("DDIMScheduler".into()),
+            prediction_type: Some(PredictionType::VPrediction),
+            ..Self::sd15()
+        }
     }
 }

@@ -1,7 +1,7 @@
 //! diffusers `UNet2DConditionModel` configuration (models/unets/unet_2d_condition.py).
 
-use super::{check_list_len, check_one_of, err, parse, reject_set, PerLevel, SampleSize};
-use crate::error::Result;
+use super::{check_list_len, err, parse, PerLevel, SampleSize};
+use crate::error::{Error, Result};
 use serde::Deserialize;
 
 /// diffusers `UNet2DConditionModel` configuration (`unet/config.json`).
@@ -187,11 +187,13 @@ impl UNetConfig {
     pub fn up_has_attention(&self, index: usize) -> bool {
         self.up_block_types[index] == CROSS_ATTN_UP
     }
-    /// Group-norm groups (32 when the file says null, as for SD1.x/2.x).
+    /// Group-norm groups (`norm_num_groups`; validation refuses null, which diffusers reads as
+    /// "no output norm").
     pub fn norm_groups(&self) -> usize {
         self.norm_num_groups.unwrap_or(32)
     }
-    /// Width of the time embedding (`block_out_channels[0] * 4` unless set).
+    /// Width of the time embedding: `block_out_channels[0] * 4` (validation refuses a
+    /// `time_embedding_dim`).
     pub fn time_embed_dim(&self) -> usize {
         self.time_embedding_dim.unwrap_or(self.block_out_channels[0] * 4)
     }
@@ -215,11 +217,8 @@ impl UNetConfig {
                 return Err(err(file, field, format!("has {} entries but block_out_channels has {n}", types.len())));
             }
         }
-        for t in &self.down_block_types {
-            check_one_of(file, "down_block_types", t, &[CROSS_ATTN_DOWN, DOWN])?;
-        }
-        for t in &self.up_block_types {
-            check_one_of(file, "up_block_types", t, &[CROSS_ATTN_UP, UP])?;
+        if let Some((field, message)) = self.unsupported() {
+            return Err(err(file, field, message));
         }
         for i in 0..n {
             if self.down_has_attention(i) != self.up_has_attention(n - 1 - i) {
@@ -228,16 +227,6 @@ impl UNetConfig {
                     "up_block_types",
                     format!("entry {} does not mirror down_block_types entry {i}", n - 1 - i),
                 ));
-            }
-        }
-        match self.mid_block_type.as_deref() {
-            Some(MID_CROSS_ATTN) => {}
-            other => {
-                return Err(err(
-                    file,
-                    "mid_block_type",
-                    format!("{other:?} is not supported (supported: {MID_CROSS_ATTN})"),
-                ))
             }
         }
         check_list_len(file, "only_cross_attention", &self.only_cross_attention, n)?;
@@ -284,37 +273,97 @@ impl UNetConfig {
                 return Err(err(file, field, format!("{k} is not an odd kernel size")));
             }
         }
-        let sdxl = "SDXL-style added embeddings are not supported (Stable Diffusion 1.x/2.x only)";
-        reject_set(file, "addition_embed_type", &self.addition_embed_type, sdxl)?;
-        reject_set(file, "addition_time_embed_dim", &self.addition_time_embed_dim, sdxl)?;
-        let class = "class-conditioned UNets are not supported";
-        reject_set(file, "class_embed_type", &self.class_embed_type, class)?;
-        reject_set(file, "num_class_embeds", &self.num_class_embeds, class)?;
-        reject_set(file, "projection_class_embeddings_input_dim", &self.projection_class_embeddings_input_dim, class)?;
-        reject_set(file, "encoder_hid_dim", &self.encoder_hid_dim, "encoder projections are not supported")?;
-        reject_set(file, "encoder_hid_dim_type", &self.encoder_hid_dim_type, "encoder projections are not supported")?;
-        reject_set(
-            file,
-            "reverse_transformer_layers_per_block",
-            &self.reverse_transformer_layers_per_block,
-            "asymmetric UNets are not supported",
-        )?;
-        reject_set(file, "time_embedding_act_fn", &self.time_embedding_act_fn, "not used by Stable Diffusion 1.x/2.x")?;
-        reject_set(file, "timestep_post_act", &self.timestep_post_act, "not used by Stable Diffusion 1.x/2.x")?;
-        reject_set(file, "cross_attention_norm", &self.cross_attention_norm, "not used by Stable Diffusion 1.x/2.x")?;
-        if self.dual_cross_attention {
-            return Err(err(file, "dual_cross_attention", "true is not supported"));
-        }
-        if self.class_embeddings_concat {
-            return Err(err(file, "class_embeddings_concat", "true is not supported"));
-        }
-        if self.resnet_skip_time_act {
-            return Err(err(file, "resnet_skip_time_act", "true is not supported"));
-        }
-        check_one_of(file, "act_fn", &self.act_fn, &["silu"])?;
-        check_one_of(file, "resnet_time_scale_shift", &self.resnet_time_scale_shift, &["default"])?;
-        check_one_of(file, "time_embedding_type", &self.time_embedding_type, &["positional"])?;
-        check_one_of(file, "attention_type", &self.attention_type, &["default"])?;
         Ok(())
+    }
+
+    /// Checks that the engine can run this configuration without naming a file, for a
+    /// configuration built or changed in code (`UNet2DConditionModel::load` calls it): level
+    /// counts and every setting [`Self::validate`] refuses as unsupported, as
+    /// `Error::Invalid`. Sizes that contradict the weights are left to the weight loader.
+    pub fn check_supported(&self) -> Result<()> {
+        let n = self.levels();
+        if n == 0 || self.down_block_types.len() != n || self.up_block_types.len() != n {
+            return Err(Error::Invalid(format!(
+                "UNet config: {} down blocks, {} up blocks and {n} block_out_channels are not supported",
+                self.down_block_types.len(),
+                self.up_block_types.len()
+            )));
+        }
+        match self.unsupported() {
+            Some((field, message)) => {
+                Err(Error::Invalid(format!("UNet config: field `{field}`: {message} (SD1.x/SD2.x UNets only)")))
+            }
+            None => Ok(()),
+        }
+    }
+
+    /// The first setting outside what the engine implements (Stable Diffusion 1.x/2.x UNets):
+    /// the field and why.
+    fn unsupported(&self) -> Option<(&'static str, String)> {
+        let not_one_of = |value: &str, allowed: &[&str]| {
+            (!allowed.contains(&value))
+                .then(|| format!("`{value}` is not supported (supported: {})", allowed.join(", ")))
+        };
+        let types = [
+            ("down_block_types", &self.down_block_types, [CROSS_ATTN_DOWN, DOWN]),
+            ("up_block_types", &self.up_block_types, [CROSS_ATTN_UP, UP]),
+        ];
+        for (field, list, allowed) in types {
+            if let Some(m) = list.iter().find_map(|t| not_one_of(t, &allowed)) {
+                return Some((field, m));
+            }
+        }
+        if self.mid_block_type.as_deref() != Some(MID_CROSS_ATTN) {
+            let m = format!("{:?} is not supported (supported: {MID_CROSS_ATTN})", self.mid_block_type);
+            return Some(("mid_block_type", m));
+        }
+        fn set<T: std::fmt::Debug>(field: &'static str, v: &Option<T>, why: &str) -> Option<(&'static str, String)> {
+            v.as_ref().map(|v| (field, format!("{v:?} is not supported: {why}")))
+        }
+        let sdxl = "SDXL-style added embeddings are not supported (Stable Diffusion 1.x/2.x only)";
+        let class = "class-conditioned UNets are not supported";
+        let proj = "encoder projections are not supported";
+        let sd = "not used by Stable Diffusion 1.x/2.x";
+        let found = None
+            .or_else(|| set("addition_embed_type", &self.addition_embed_type, sdxl))
+            .or_else(|| set("addition_time_embed_dim", &self.addition_time_embed_dim, sdxl))
+            .or_else(|| set("class_embed_type", &self.class_embed_type, class))
+            .or_else(|| set("num_class_embeds", &self.num_class_embeds, class))
+            .or_else(|| {
+                set("projection_class_embeddings_input_dim", &self.projection_class_embeddings_input_dim, class)
+            })
+            .or_else(|| set("encoder_hid_dim", &self.encoder_hid_dim, proj))
+            .or_else(|| set("encoder_hid_dim_type", &self.encoder_hid_dim_type, proj))
+            .or_else(|| {
+                let why = "asymmetric UNets are not supported";
+                set("reverse_transformer_layers_per_block", &self.reverse_transformer_layers_per_block, why)
+            })
+            .or_else(|| set("time_embedding_dim", &self.time_embedding_dim, sd))
+            .or_else(|| set("time_embedding_act_fn", &self.time_embedding_act_fn, sd))
+            .or_else(|| set("timestep_post_act", &self.timestep_post_act, sd))
+            .or_else(|| set("cross_attention_norm", &self.cross_attention_norm, sd));
+        if found.is_some() {
+            return found;
+        }
+        if self.norm_num_groups.is_none() {
+            return Some(("norm_num_groups", "null (no output group norm) is not supported".into()));
+        }
+        for (field, on) in [
+            ("dual_cross_attention", self.dual_cross_attention),
+            ("class_embeddings_concat", self.class_embeddings_concat),
+            ("resnet_skip_time_act", self.resnet_skip_time_act),
+        ] {
+            if on {
+                return Some((field, "true is not supported".into()));
+            }
+        }
+        [
+            ("act_fn", &self.act_fn, &["silu"]),
+            ("resnet_time_scale_shift", &self.resnet_time_scale_shift, &["default"]),
+            ("time_embedding_type", &self.time_embedding_type, &["positional"]),
+            ("attention_type", &self.attention_type, &["default"]),
+        ]
+        .into_iter()
+        .find_map(|(field, value, allowed)| not_one_of(value, allowed).map(|m| (field, m)))
     }
 }
