@@ -7,6 +7,7 @@ pub mod error;
 pub mod gpu;
 pub mod io;
 pub mod model;
+pub mod nn;
 pub mod ops;
 pub mod quant;
 pub mod rng;

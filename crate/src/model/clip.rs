@@ -26,12 +26,11 @@
 use crate::error::{shape_err, Error, Result};
 use crate::gpu::Gpu;
 pub use crate::model::config::ClipTextConfig;
+use crate::model::transformer::{Attention, AttentionSpec, CLIP_PROJECTIONS};
 use crate::model::weights::{WeightPolicy, WeightSource};
-use crate::ops::attention::{attention, AttentionOpts};
+use crate::nn::{LayerNorm, Linear};
 use crate::ops::elementwise::{add, unary, Unary};
 use crate::ops::layout::embedding;
-use crate::ops::matmul::linear;
-use crate::ops::norm::layer_norm;
 use crate::quant::DType;
 use crate::tensor::Tensor;
 
@@ -80,49 +79,10 @@ impl EncodeOpts {
     }
 }
 
-struct Linear {
-    w: Tensor,
-    b: Tensor,
-}
-
-impl Linear {
-    fn load(gpu: &Gpu, src: &dyn WeightSource, name: &str, out: usize, inp: usize, p: WeightPolicy) -> Result<Self> {
-        Ok(Self {
-            w: src.load(gpu, &format!("{name}.weight"), &[out, inp], p.matrix())?,
-            b: src.load(gpu, &format!("{name}.bias"), &[out], p.vector())?,
-        })
-    }
-    fn forward(&self, gpu: &Gpu, x: &Tensor) -> Result<Tensor> {
-        linear(gpu, x, &self.w, Some(&self.b))
-    }
-}
-
-struct LayerNorm {
-    gamma: Tensor,
-    beta: Tensor,
-    eps: f32,
-}
-
-impl LayerNorm {
-    fn load(gpu: &Gpu, src: &dyn WeightSource, name: &str, d: usize, eps: f64) -> Result<Self> {
-        Ok(Self {
-            gamma: src.load(gpu, &format!("{name}.weight"), &[d], DType::F32)?,
-            beta: src.load(gpu, &format!("{name}.bias"), &[d], DType::F32)?,
-            eps: eps as f32,
-        })
-    }
-    fn forward(&self, gpu: &Gpu, x: &Tensor) -> Result<Tensor> {
-        layer_norm(gpu, x, Some(&self.gamma), Some(&self.beta), self.eps)
-    }
-}
-
 /// `CLIPEncoderLayer`.
 struct EncoderLayer {
     layer_norm1: LayerNorm,
-    q_proj: Linear,
-    k_proj: Linear,
-    v_proj: Linear,
-    out_proj: Linear,
+    self_attn: Attention,
     layer_norm2: LayerNorm,
     fc1: Linear,
     fc2: Linear,
@@ -131,28 +91,31 @@ struct EncoderLayer {
 impl EncoderLayer {
     fn load(gpu: &Gpu, src: &dyn WeightSource, c: &ClipTextConfig, i: usize, p: WeightPolicy) -> Result<Self> {
         let (d, f) = (c.hidden_size, c.intermediate_size);
+        let eps = c.layer_norm_eps as f32;
         let n = |s: &str| format!("text_model.encoder.layers.{i}.{s}");
+        // scale = head_dim^-0.5, causal mask as create_causal_mask.
+        let attn = AttentionSpec {
+            query_dim: d,
+            context_dim: d,
+            heads: c.num_attention_heads,
+            dim_head: c.head_dim(),
+            qkv_bias: true,
+            causal: true,
+            names: CLIP_PROJECTIONS,
+        };
         Ok(Self {
-            layer_norm1: LayerNorm::load(gpu, src, &n("layer_norm1"), d, c.layer_norm_eps)?,
-            q_proj: Linear::load(gpu, src, &n("self_attn.q_proj"), d, d, p)?,
-            k_proj: Linear::load(gpu, src, &n("self_attn.k_proj"), d, d, p)?,
-            v_proj: Linear::load(gpu, src, &n("self_attn.v_proj"), d, d, p)?,
-            out_proj: Linear::load(gpu, src, &n("self_attn.out_proj"), d, d, p)?,
-            layer_norm2: LayerNorm::load(gpu, src, &n("layer_norm2"), d, c.layer_norm_eps)?,
-            fc1: Linear::load(gpu, src, &n("mlp.fc1"), f, d, p)?,
-            fc2: Linear::load(gpu, src, &n("mlp.fc2"), d, f, p)?,
+            layer_norm1: LayerNorm::load(gpu, src, &n("layer_norm1"), d, eps, p)?,
+            self_attn: Attention::load(gpu, src, p, &n("self_attn"), attn)?,
+            layer_norm2: LayerNorm::load(gpu, src, &n("layer_norm2"), d, eps, p)?,
+            fc1: Linear::load(gpu, src, &n("mlp.fc1"), d, f, true, p)?,
+            fc2: Linear::load(gpu, src, &n("mlp.fc2"), f, d, true, p)?,
         })
     }
 
     /// `h: [B, S, D]` -> `[B, S, D]`.
-    fn forward(&self, gpu: &Gpu, h: &Tensor, heads: usize, act: Unary) -> Result<Tensor> {
+    fn forward(&self, gpu: &Gpu, h: &Tensor, act: Unary) -> Result<Tensor> {
         let x = self.layer_norm1.forward(gpu, h)?;
-        let q = self.q_proj.forward(gpu, &x)?;
-        let k = self.k_proj.forward(gpu, &x)?;
-        let v = self.v_proj.forward(gpu, &x)?;
-        // scale = head_dim^-0.5 (attention's default), causal mask as create_causal_mask.
-        let a = attention(gpu, &q, &k, &v, AttentionOpts { heads, scale: None, causal: true })?;
-        let h = add(gpu, h, &self.out_proj.forward(gpu, &a)?)?;
+        let h = add(gpu, h, &self.self_attn.forward(gpu, &x, None)?)?;
         let x = self.layer_norm2.forward(gpu, &h)?;
         let x = unary(gpu, &self.fc1.forward(gpu, &x)?, act)?;
         add(gpu, &h, &self.fc2.forward(gpu, &x)?)
@@ -208,7 +171,8 @@ impl ClipTextModel {
             .collect::<Result<Vec<_>>>()?;
         // A file with more layers than the config (a 24-layer OpenCLIP encoder under SD2's
         // 23-layer config) loads the config's layers, as diffusers does.
-        let final_layer_norm = LayerNorm::load(gpu, source, "text_model.final_layer_norm", d, c.layer_norm_eps)?;
+        let final_layer_norm =
+            LayerNorm::load(gpu, source, "text_model.final_layer_norm", d, c.layer_norm_eps as f32, policy)?;
         Ok(Self { config: c.clone(), act, token_embedding, position_embedding, layers, final_layer_norm })
     }
 
@@ -253,9 +217,8 @@ impl ClipTextModel {
     fn run(&self, gpu: &Gpu, ids: &[&[u32]], layers: usize, keep_all: bool) -> Result<Vec<Tensor>> {
         let mut h = self.embeddings(gpu, ids)?;
         let mut states = Vec::new();
-        let heads = self.config.num_attention_heads;
         for layer in &self.layers[..layers] {
-            let next = layer.forward(gpu, &h, heads, self.act)?;
+            let next = layer.forward(gpu, &h, self.act)?;
             if keep_all {
                 states.push(h);
             }

@@ -2,11 +2,10 @@
 //! (sinusoidal projection, `get_timestep_embedding`) and `TimestepEmbedding`
 //! (`linear_1 → SiLU → linear_2`, with the optional `cond_proj` of LCM-distilled UNets).
 
-use super::resnet::join;
-use super::transformer::Linear;
 use super::weights::{WeightPolicy, WeightSource};
 use crate::error::{shape_err, Result};
 use crate::gpu::Gpu;
+use crate::nn::{join, Linear};
 use crate::ops::elementwise::{add, silu};
 use crate::ops::layout::timestep_embedding;
 use crate::tensor::Tensor;
@@ -49,10 +48,10 @@ impl TimestepEmbedding {
     ) -> Result<Self> {
         let p = |n: &str| join(prefix, n);
         Ok(Self {
-            linear_1: Linear::load(gpu, src, policy, &p("linear_1"), in_channels, time_embed_dim, true)?,
-            linear_2: Linear::load(gpu, src, policy, &p("linear_2"), time_embed_dim, time_embed_dim, true)?,
+            linear_1: Linear::load(gpu, src, &p("linear_1"), in_channels, time_embed_dim, true, policy)?,
+            linear_2: Linear::load(gpu, src, &p("linear_2"), time_embed_dim, time_embed_dim, true, policy)?,
             cond_proj: match cond_proj_dim {
-                Some(d) => Some(Linear::load(gpu, src, policy, &p("cond_proj"), d, in_channels, false)?),
+                Some(d) => Some(Linear::load(gpu, src, &p("cond_proj"), d, in_channels, false, policy)?),
                 None => None,
             },
         })

@@ -1,109 +1,27 @@
-//! Convolutional building blocks of the UNet, after diffusers' `models/resnet.py`
-//! (`ResnetBlock2D`), `models/downsampling.py` (`Downsample2D`) and `models/upsampling.py`
-//! (`Upsample2D`), plus the `nn.Conv2d` / `nn.GroupNorm` layers they are made of.
+//! Convolutional building blocks of the UNet and the VAE, after diffusers' `models/resnet.py`
+//! (`ResnetBlock2D`, with or without a time embedding), `models/downsampling.py`
+//! (`Downsample2D`) and `models/upsampling.py` (`Upsample2D`), made of [`crate::nn`] layers.
 //! Activations are NCHW `[B, C, H, W]` f32.
 
 use super::weights::{WeightPolicy, WeightSource};
 use crate::error::{shape_err, Result};
 use crate::gpu::Gpu;
-use crate::ops::conv::{conv2d, Conv2dParams};
+use crate::nn::{join, Conv2d, GroupNorm, Linear, POINTWISE, SAME3};
+use crate::ops::conv::Conv2dParams;
 use crate::ops::elementwise::{add, binary, scale, Binary};
-use crate::ops::layout::upsample_nearest2x;
-use crate::ops::norm::group_norm;
+use crate::ops::layout::{pad2d, upsample_nearest2x};
 use crate::tensor::Tensor;
 
-use super::transformer::Linear;
-
-/// Joins a module prefix and a parameter name (`"a.b"` + `"weight"`).
-pub(crate) fn join(prefix: &str, name: &str) -> String {
-    if prefix.is_empty() {
-        name.to_string()
-    } else {
-        format!("{prefix}.{name}")
-    }
-}
-
-/// `nn.Conv2d(cin, cout, k, stride, padding)` with bias; the weight `[cout, cin, k, k]` is
-/// stored per the policy's matrix type.
-pub struct Conv2d {
-    pub weight: Tensor,
-    pub bias: Option<Tensor>,
-    pub params: Conv2dParams,
-}
-
-impl Conv2d {
-    #[allow(clippy::too_many_arguments)]
-    pub fn load(
-        gpu: &Gpu,
-        src: &dyn WeightSource,
-        policy: WeightPolicy,
-        prefix: &str,
-        cin: usize,
-        cout: usize,
-        kernel: usize,
-        stride: usize,
-        padding: usize,
-    ) -> Result<Self> {
-        let weight = src.load(gpu, &join(prefix, "weight"), &[cout, cin, kernel, kernel], policy.matrix())?;
-        let bias = Some(src.load(gpu, &join(prefix, "bias"), &[cout], policy.vector())?);
-        Ok(Self { weight, bias, params: Conv2dParams { stride, padding } })
-    }
-
-    pub fn forward(&self, gpu: &Gpu, x: &Tensor) -> Result<Tensor> {
-        conv2d(gpu, x, &self.weight, self.bias.as_ref(), self.params)
-    }
-
-    pub fn out_channels(&self) -> usize {
-        self.weight.dim(0)
-    }
-}
-
-/// `nn.GroupNorm(groups, channels, eps)` with affine parameters, optionally followed by SiLU.
-pub struct GroupNorm {
-    pub weight: Tensor,
-    pub bias: Tensor,
-    pub groups: usize,
-    pub eps: f32,
-}
-
-impl GroupNorm {
-    pub fn load(
-        gpu: &Gpu,
-        src: &dyn WeightSource,
-        policy: WeightPolicy,
-        prefix: &str,
-        groups: usize,
-        channels: usize,
-        eps: f32,
-    ) -> Result<Self> {
-        if groups == 0 || !channels.is_multiple_of(groups) {
-            return Err(shape_err(
-                "GroupNorm",
-                format!("{prefix}: {channels} channels are not divisible into {groups} groups"),
-            ));
-        }
-        Ok(Self {
-            weight: src.load(gpu, &join(prefix, "weight"), &[channels], policy.vector())?,
-            bias: src.load(gpu, &join(prefix, "bias"), &[channels], policy.vector())?,
-            groups,
-            eps,
-        })
-    }
-
-    pub fn forward(&self, gpu: &Gpu, x: &Tensor, silu: bool) -> Result<Tensor> {
-        group_norm(gpu, x, self.groups, Some(&self.weight), Some(&self.bias), self.eps, silu)
-    }
-}
-
-/// diffusers' `ResnetBlock2D` as SD1.x/SD2.x configure it (pre-norm, SiLU, `time_embedding_norm
+/// diffusers' `ResnetBlock2D` as SD models configure it (pre-norm, SiLU, `time_embedding_norm
 /// = "default"`, no dropout at inference):
-/// `h = conv1(silu(norm1(x))) + time_emb_proj(silu(temb))[:, :, None, None]`,
+/// `h = conv1(silu(norm1(x))) [+ time_emb_proj(silu(temb))[:, :, None, None]]`,
 /// `h = conv2(silu(norm2(h)))`, `out = (shortcut(x) + h) / output_scale_factor`, where the
-/// shortcut is a 1×1 `conv_shortcut` when the channel count changes.
+/// shortcut is a 1×1 `conv_shortcut` when the channel count changes. The VAE builds it with
+/// `temb_channels=None`: no `time_emb_proj`, no time term.
 pub struct ResnetBlock2D {
     norm1: GroupNorm,
     conv1: Conv2d,
-    time_emb_proj: Linear,
+    time_emb_proj: Option<Linear>,
     norm2: GroupNorm,
     conv2: Conv2d,
     conv_shortcut: Option<Conv2d>,
@@ -116,7 +34,8 @@ pub struct ResnetBlock2D {
 pub struct ResnetSpec {
     pub in_channels: usize,
     pub out_channels: usize,
-    pub temb_channels: usize,
+    /// Width of the time embedding, or `None` for a block without one (the VAE's).
+    pub temb_channels: Option<usize>,
     pub groups: usize,
     pub eps: f32,
     pub output_scale_factor: f32,
@@ -133,13 +52,16 @@ impl ResnetBlock2D {
         let p = |n: &str| join(prefix, n);
         let (cin, cout) = (s.in_channels, s.out_channels);
         Ok(Self {
-            norm1: GroupNorm::load(gpu, src, policy, &p("norm1"), s.groups, cin, s.eps)?,
-            conv1: Conv2d::load(gpu, src, policy, &p("conv1"), cin, cout, 3, 1, 1)?,
-            time_emb_proj: Linear::load(gpu, src, policy, &p("time_emb_proj"), s.temb_channels, cout, true)?,
-            norm2: GroupNorm::load(gpu, src, policy, &p("norm2"), s.groups, cout, s.eps)?,
-            conv2: Conv2d::load(gpu, src, policy, &p("conv2"), cout, cout, 3, 1, 1)?,
+            norm1: GroupNorm::load(gpu, src, &p("norm1"), s.groups, cin, s.eps, policy)?,
+            conv1: Conv2d::load(gpu, src, &p("conv1"), cin, cout, 3, SAME3, policy)?,
+            time_emb_proj: match s.temb_channels {
+                Some(t) => Some(Linear::load(gpu, src, &p("time_emb_proj"), t, cout, true, policy)?),
+                None => None,
+            },
+            norm2: GroupNorm::load(gpu, src, &p("norm2"), s.groups, cout, s.eps, policy)?,
+            conv2: Conv2d::load(gpu, src, &p("conv2"), cout, cout, 3, SAME3, policy)?,
             conv_shortcut: if cin != cout {
-                Some(Conv2d::load(gpu, src, policy, &p("conv_shortcut"), cin, cout, 1, 1, 0)?)
+                Some(Conv2d::load(gpu, src, &p("conv_shortcut"), cin, cout, 1, POINTWISE, policy)?)
             } else {
                 None
             },
@@ -153,19 +75,34 @@ impl ResnetBlock2D {
     }
 
     /// `x: [B, Cin, H, W]`, `temb_act: [B, T]` = SiLU of the time embedding (shared by every
-    /// resnet, so the caller applies the activation once); returns `[B, Cout, H, W]`.
-    pub fn forward(&self, gpu: &Gpu, x: &Tensor, temb_act: &Tensor) -> Result<Tensor> {
+    /// resnet, so the caller applies the activation once; `None` exactly when the block has
+    /// no time embedding); returns `[B, Cout, H, W]`.
+    pub fn forward(&self, gpu: &Gpu, x: &Tensor, temb_act: Option<&Tensor>) -> Result<Tensor> {
         let h = self.norm1.forward(gpu, x, true)?;
-        let h = self.conv1.forward(gpu, &h)?;
-        let t = self.time_emb_proj.forward(gpu, temb_act)?;
-        let (b, c) = (t.dim(0), t.dim(1));
-        if b != h.dim(0) {
-            return Err(shape_err(
-                "ResnetBlock2D",
-                format!("time embedding {:?} does not match the batch of {:?}", t.shape(), h.shape()),
-            ));
+        let mut h = self.conv1.forward(gpu, &h)?;
+        match (&self.time_emb_proj, temb_act) {
+            (Some(proj), Some(temb)) => {
+                let t = proj.forward(gpu, temb)?;
+                let (b, c) = (t.dim(0), t.dim(1));
+                if b != h.dim(0) {
+                    return Err(shape_err(
+                        "ResnetBlock2D",
+                        format!("time embedding {:?} does not match the batch of {:?}", t.shape(), h.shape()),
+                    ));
+                }
+                h = add(gpu, &h, &t.reshape(&[b, c, 1, 1])?)?;
+            }
+            (None, None) => {}
+            (proj, _) => {
+                return Err(shape_err(
+                    "ResnetBlock2D",
+                    format!(
+                        "a time embedding must be given exactly when the block has time_emb_proj (it {})",
+                        if proj.is_some() { "has one" } else { "has none" }
+                    ),
+                ))
+            }
         }
-        let h = add(gpu, &h, &t.reshape(&[b, c, 1, 1])?)?;
         let h = self.norm2.forward(gpu, &h, true)?;
         let h = self.conv2.forward(gpu, &h)?;
         let short = match &self.conv_shortcut {
@@ -183,9 +120,13 @@ impl ResnetBlock2D {
     }
 }
 
-/// diffusers' `Downsample2D(use_conv=True, padding=1)`: a 3×3 convolution with stride 2.
+/// diffusers' `Downsample2D(use_conv=True, padding)`: a 3×3 convolution with stride 2 and
+/// the given zero padding (the UNet's `downsample_padding`, 1 in SD). With `padding=0` (the
+/// VAE encoder) the input first gets `F.pad(x, (0, 1, 0, 1))`, one zero column on the right
+/// and one zero row at the bottom, through `ops::layout::pad2d`.
 pub struct Downsample2D {
     conv: Conv2d,
+    pad_bottom_right: bool,
 }
 
 impl Downsample2D {
@@ -197,17 +138,19 @@ impl Downsample2D {
         channels: usize,
         padding: usize,
     ) -> Result<Self> {
-        if padding != 1 {
-            return Err(shape_err(
-                "Downsample2D",
-                format!("{prefix}: downsample_padding {padding} is not supported (SD models use 1)"),
-            ));
-        }
-        Ok(Self { conv: Conv2d::load(gpu, src, policy, &join(prefix, "conv"), channels, channels, 3, 2, 1)? })
+        let params = Conv2dParams { stride: 2, padding };
+        Ok(Self {
+            conv: Conv2d::load(gpu, src, &join(prefix, "conv"), channels, channels, 3, params, policy)?,
+            pad_bottom_right: padding == 0,
+        })
     }
 
     pub fn forward(&self, gpu: &Gpu, x: &Tensor) -> Result<Tensor> {
-        self.conv.forward(gpu, x)
+        if self.pad_bottom_right {
+            self.conv.forward(gpu, &pad2d(gpu, x, [0, 1, 0, 1])?)
+        } else {
+            self.conv.forward(gpu, x)
+        }
     }
 }
 
@@ -224,7 +167,7 @@ impl Upsample2D {
         prefix: &str,
         channels: usize,
     ) -> Result<Self> {
-        Ok(Self { conv: Conv2d::load(gpu, src, policy, &join(prefix, "conv"), channels, channels, 3, 1, 1)? })
+        Ok(Self { conv: Conv2d::load(gpu, src, &join(prefix, "conv"), channels, channels, 3, SAME3, policy)? })
     }
 
     pub fn forward(&self, gpu: &Gpu, x: &Tensor) -> Result<Tensor> {
@@ -232,4 +175,3 @@ impl Upsample2D {
         self.conv.forward(gpu, &up)
     }
 }
-

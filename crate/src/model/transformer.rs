@@ -1,108 +1,71 @@
 //! The UNet's spatial transformer, after diffusers' `models/transformers/transformer_2d.py`
 //! (`Transformer2DModel`, continuous input), `models/attention.py` (`BasicTransformerBlock`,
 //! `FeedForward` with `GEGLU`) and `models/attention_processor.py` (`Attention` with
-//! `AttnProcessor2_0`), plus the `nn.Linear` / `nn.LayerNorm` layers they are made of.
+//! `AttnProcessor2_0`, also used by the VAE and, with CLIP's names, the text encoder).
 //! Token activations are `[B, N, C]` f32.
 
-use super::resnet::{join, GroupNorm};
 use super::weights::{WeightPolicy, WeightSource};
 use crate::error::{shape_err, Result};
 use crate::gpu::Gpu;
-use crate::ops::attention::{attention, AttentionOpts};
+use crate::nn::{join, GroupNorm, LayerNorm, Linear};
+use crate::ops::attention::{self, AttentionOpts};
 use crate::ops::elementwise::{add, geglu};
 use crate::ops::layout::transpose_last2;
-use crate::ops::matmul::linear;
-use crate::ops::norm::layer_norm;
+use crate::ops::matmul::{matmul, MatmulOpts};
+use crate::ops::norm::softmax;
 use crate::tensor::Tensor;
 
-/// `nn.Linear(in, out, bias)`: weight `[out, in]` stored per the policy's matrix type.
-pub struct Linear {
-    pub weight: Tensor,
-    pub bias: Option<Tensor>,
+/// Names of an attention module's query, key, value and output projections.
+pub type ProjectionNames = [&'static str; 4];
+/// diffusers' `Attention`.
+pub const DIFFUSERS_PROJECTIONS: ProjectionNames = ["to_q", "to_k", "to_v", "to_out.0"];
+/// transformers' `CLIPAttention`.
+pub const CLIP_PROJECTIONS: ProjectionNames = ["q_proj", "k_proj", "v_proj", "out_proj"];
+
+/// Construction settings of an [`Attention`].
+#[derive(Clone, Copy, Debug)]
+pub struct AttentionSpec {
+    /// Width of the hidden states (queries in, output out).
+    pub query_dim: usize,
+    /// Width of the keys' and values' source (the query dim for self-attention).
+    pub context_dim: usize,
+    pub heads: usize,
+    pub dim_head: usize,
+    /// Whether the query / key / value projections have a bias (the output one always has).
+    pub qkv_bias: bool,
+    /// Causal mask (CLIP's text encoder).
+    pub causal: bool,
+    pub names: ProjectionNames,
 }
 
-impl Linear {
-    pub fn load(
-        gpu: &Gpu,
-        src: &dyn WeightSource,
-        policy: WeightPolicy,
-        prefix: &str,
-        din: usize,
-        dout: usize,
-        bias: bool,
-    ) -> Result<Self> {
-        let weight = src.load(gpu, &join(prefix, "weight"), &[dout, din], policy.matrix())?;
-        let bias = if bias { Some(src.load(gpu, &join(prefix, "bias"), &[dout], policy.vector())?) } else { None };
-        Ok(Self { weight, bias })
-    }
-
-    /// `x: [..., in]` → `[..., out]`.
-    pub fn forward(&self, gpu: &Gpu, x: &Tensor) -> Result<Tensor> {
-        linear(gpu, x, &self.weight, self.bias.as_ref())
-    }
-}
-
-/// `nn.LayerNorm(dim, eps)` with affine parameters.
-pub struct LayerNorm {
-    pub weight: Tensor,
-    pub bias: Tensor,
-    pub eps: f32,
-}
-
-impl LayerNorm {
-    pub fn load(
-        gpu: &Gpu,
-        src: &dyn WeightSource,
-        policy: WeightPolicy,
-        prefix: &str,
-        dim: usize,
-        eps: f32,
-    ) -> Result<Self> {
-        Ok(Self {
-            weight: src.load(gpu, &join(prefix, "weight"), &[dim], policy.vector())?,
-            bias: src.load(gpu, &join(prefix, "bias"), &[dim], policy.vector())?,
-            eps,
-        })
-    }
-
-    pub fn forward(&self, gpu: &Gpu, x: &Tensor) -> Result<Tensor> {
-        layer_norm(gpu, x, Some(&self.weight), Some(&self.bias), self.eps)
-    }
-}
-
-/// diffusers' `Attention` (bias-free `to_q`/`to_k`/`to_v`, `to_out.0` with bias) with
-/// `scaled_dot_product_attention` at scale `dim_head^-0.5`. Self-attention when no context is
-/// given, cross-attention over the context otherwise.
+/// Multi-head attention with its projections, as diffusers' `Attention` run by
+/// `AttnProcessor2_0` and transformers' `CLIPAttention` compute it:
+/// `out(sdpa(q(x), k(ctx), v(ctx)))` at scale `dim_head^-0.5`, with `ctx = x` for
+/// self-attention. The UNet's transformers use it with bias-free q/k/v, the VAE's mid-block
+/// attention with one head of size C and biases, CLIP with biases and a causal mask.
 pub struct Attention {
     to_q: Linear,
     to_k: Linear,
     to_v: Linear,
     to_out: Linear,
     heads: usize,
+    causal: bool,
 }
 
 impl Attention {
-    /// `query_dim` → `heads · dim_head` (inner), keys/values from `context_dim` (the query dim
-    /// for self-attention); `to_out.0` maps inner back to `query_dim`.
-    #[allow(clippy::too_many_arguments)]
-    pub fn load(
-        gpu: &Gpu,
-        src: &dyn WeightSource,
-        policy: WeightPolicy,
-        prefix: &str,
-        query_dim: usize,
-        context_dim: usize,
-        heads: usize,
-        dim_head: usize,
-    ) -> Result<Self> {
+    /// `query_dim` → `heads · dim_head` (inner) for q, `context_dim` → inner for k and v,
+    /// inner → `query_dim` for the output projection.
+    pub fn load(gpu: &Gpu, src: &dyn WeightSource, policy: WeightPolicy, prefix: &str, s: AttentionSpec) -> Result<Self> {
         let p = |n: &str| join(prefix, n);
-        let inner = heads * dim_head;
+        let inner = s.heads * s.dim_head;
+        let [q, k, v, out] = s.names;
         Ok(Self {
-            to_q: Linear::load(gpu, src, policy, &p("to_q"), query_dim, inner, false)?,
-            to_k: Linear::load(gpu, src, policy, &p("to_k"), context_dim, inner, false)?,
-            to_v: Linear::load(gpu, src, policy, &p("to_v"), context_dim, inner, false)?,
-            to_out: Linear::load(gpu, src, policy, &p("to_out.0"), inner, query_dim, true)?,
-            heads,
+            to_q: Linear::load(gpu, src, &p(q), s.query_dim, inner, s.qkv_bias, policy)?,
+            to_k: Linear::load(gpu, src, &p(k), s.context_dim, inner, s.qkv_bias, policy)?,
+            to_v: Linear::load(gpu, src, &p(v), s.context_dim, inner, s.qkv_bias, policy)?,
+            to_out: Linear::load(gpu, src, &p(out), inner, s.query_dim, true, policy)?,
+            heads: s.heads,
+            causal: s.causal,
         })
     }
 
@@ -118,9 +81,27 @@ impl Attention {
         let q = self.to_q.forward(gpu, x)?;
         let k = self.to_k.forward(gpu, ctx)?;
         let v = self.to_v.forward(gpu, ctx)?;
-        let o = attention(gpu, &q, &k, &v, AttentionOpts::new(self.heads))?;
+        let o = scaled_dot_product_attention(gpu, &q, &k, &v, self.heads, self.causal)?;
         self.to_out.forward(gpu, &o)
     }
+}
+
+/// `softmax(q·kᵀ/sqrt(D) [+ causal mask])·v` per head for `q: [B, Nq, H·D]`, `k, v: [B, Nk, H·D]`:
+/// the flash kernel, or for one unmasked head of a size the kernel does not take,
+/// [`single_head_attention`]'s matmul path.
+pub fn scaled_dot_product_attention(
+    gpu: &Gpu,
+    q: &Tensor,
+    k: &Tensor,
+    v: &Tensor,
+    heads: usize,
+    causal: bool,
+) -> Result<Tensor> {
+    if heads == 1 && !causal {
+        let d = q.shape().last().copied().unwrap_or(0);
+        return single_head_attention(gpu, q, k, v, 1.0 / (d as f32).sqrt());
+    }
+    attention::attention(gpu, q, k, v, AttentionOpts { heads, scale: None, causal })
 }
 
 /// diffusers' `FeedForward(dim, activation_fn="geglu")`: `net.0.proj` maps to 2·inner (hidden and
@@ -134,8 +115,8 @@ impl FeedForward {
     pub fn load(gpu: &Gpu, src: &dyn WeightSource, policy: WeightPolicy, prefix: &str, dim: usize) -> Result<Self> {
         let inner = 4 * dim;
         Ok(Self {
-            proj: Linear::load(gpu, src, policy, &join(prefix, "net.0.proj"), dim, 2 * inner, true)?,
-            out: Linear::load(gpu, src, policy, &join(prefix, "net.2"), inner, dim, true)?,
+            proj: Linear::load(gpu, src, &join(prefix, "net.0.proj"), dim, 2 * inner, true, policy)?,
+            out: Linear::load(gpu, src, &join(prefix, "net.2"), inner, dim, true, policy)?,
         })
     }
 
@@ -191,13 +172,22 @@ impl BasicTransformerBlock {
     ) -> Result<Self> {
         let p = |n: &str| join(prefix, n);
         let dim = s.inner_dim();
+        let attn = |context_dim| AttentionSpec {
+            query_dim: dim,
+            context_dim,
+            heads: s.heads,
+            dim_head: s.dim_head,
+            qkv_bias: false,
+            causal: false,
+            names: DIFFUSERS_PROJECTIONS,
+        };
         let attn1_ctx = if s.only_cross_attention { s.cross_attention_dim } else { dim };
         Ok(Self {
-            norm1: LayerNorm::load(gpu, src, policy, &p("norm1"), dim, s.norm_eps)?,
-            attn1: Attention::load(gpu, src, policy, &p("attn1"), dim, attn1_ctx, s.heads, s.dim_head)?,
-            norm2: LayerNorm::load(gpu, src, policy, &p("norm2"), dim, s.norm_eps)?,
-            attn2: Attention::load(gpu, src, policy, &p("attn2"), dim, s.cross_attention_dim, s.heads, s.dim_head)?,
-            norm3: LayerNorm::load(gpu, src, policy, &p("norm3"), dim, s.norm_eps)?,
+            norm1: LayerNorm::load(gpu, src, &p("norm1"), dim, s.norm_eps, policy)?,
+            attn1: Attention::load(gpu, src, policy, &p("attn1"), attn(attn1_ctx))?,
+            norm2: LayerNorm::load(gpu, src, &p("norm2"), dim, s.norm_eps, policy)?,
+            attn2: Attention::load(gpu, src, policy, &p("attn2"), attn(s.cross_attention_dim))?,
+            norm3: LayerNorm::load(gpu, src, &p("norm3"), dim, s.norm_eps, policy)?,
             ff: FeedForward::load(gpu, src, policy, &p("ff"), dim)?,
             only_cross_attention: s.only_cross_attention,
         })
@@ -248,13 +238,13 @@ impl Transformer2DModel {
         }
         // A 1×1 conv weight [out, in, 1, 1] is accepted for the [out, in] request (the source
         // drops size-1 dimensions); the policy stores it as the same matrix.
-        let proj_in = Linear::load(gpu, src, policy, &p("proj_in"), c, inner, true)?;
-        let proj_out = Linear::load(gpu, src, policy, &p("proj_out"), inner, c, true)?;
+        let proj_in = Linear::load(gpu, src, &p("proj_in"), c, inner, true, policy)?;
+        let proj_out = Linear::load(gpu, src, &p("proj_out"), inner, c, true, policy)?;
         let blocks = (0..s.layers)
             .map(|i| BasicTransformerBlock::load(gpu, src, policy, &p(&format!("transformer_blocks.{i}")), s))
             .collect::<Result<Vec<_>>>()?;
         Ok(Self {
-            norm: GroupNorm::load(gpu, src, policy, &p("norm"), s.groups, c, 1e-6)?,
+            norm: GroupNorm::load(gpu, src, &p("norm"), s.groups, c, 1e-6, policy)?,
             proj_in,
             blocks,
             proj_out,
@@ -282,4 +272,76 @@ impl Transformer2DModel {
         let h = transpose_last2(gpu, &h)?.reshape(s)?;
         add(gpu, &h, x)
     }
+}
+
+/// `softmax(scale·q·kᵀ)·v` with one head for `q: [B, Nq, D]`, `k, v: [B, Nk, D]`: the fused
+/// flash kernel when it supports D (at most `ops::attention::MAX_HEAD_DIM` and fitting the
+/// device's workgroup memory), else [`attention_by_matmul`] (SD's VAE has D = C = 512).
+pub fn single_head_attention(gpu: &Gpu, q: &Tensor, k: &Tensor, v: &Tensor, scale: f32) -> Result<Tensor> {
+    let d = q.shape().last().copied().unwrap_or(0);
+    let caps = gpu.caps();
+    if attention::tiles_for(d, caps.max_workgroup_storage, caps.max_invocations_per_workgroup).is_some() {
+        attention::attention(gpu, q, k, v, AttentionOpts { heads: 1, scale: Some(scale), causal: false })
+    } else {
+        let limit = caps.max_storage_buffer_binding_size.min(caps.max_buffer_size);
+        attention_by_matmul(gpu, q, k, v, scale, limit.min(MAX_SCORE_BYTES))
+    }
+}
+
+/// The largest score block [`single_head_attention`] materialises at once.
+pub const MAX_SCORE_BYTES: u64 = 256 << 20;
+
+/// Exact single-head attention from `ops::matmul` and `ops::norm::softmax`, for any head size:
+/// per chunk of queries, `S = q_c·kᵀ` (`[B, rows, Nk]`), `P = softmax(scale·S)`, `O_c = P·v`.
+/// Chunks hold as many query rows as keep `S` within `max_score_bytes` (at least one row), so
+/// the score block stays inside the device's storage-binding limit.
+pub fn attention_by_matmul(
+    gpu: &Gpu,
+    q: &Tensor,
+    k: &Tensor,
+    v: &Tensor,
+    scale: f32,
+    max_score_bytes: u64,
+) -> Result<Tensor> {
+    const OP: &str = "attention_by_matmul";
+    for t in [q, k, v] {
+        t.expect_f32(OP)?;
+    }
+    let shapes = || format!("q {:?}, k {:?}, v {:?}", q.shape(), k.shape(), v.shape());
+    if q.rank() != 3 || k.rank() != 3 || v.shape() != k.shape() || k.dim(0) != q.dim(0) || k.dim(2) != q.dim(2) {
+        return Err(shape_err(OP, format!("needs q [B, Nq, D] and k, v [B, Nk, D]; got {}", shapes())));
+    }
+    let (b, nq, d) = (q.dim(0), q.dim(1), q.dim(2));
+    let nk = k.dim(1);
+    if b * nq * nk * d == 0 {
+        return Err(shape_err(OP, format!("empty operand; got {}", shapes())));
+    }
+    let row_bytes = (b * nk * 4) as u64;
+    let rows = ((max_score_bytes / row_bytes) as usize).clamp(1, nq);
+    let block = |qc: &Tensor| -> Result<Tensor> {
+        let s = matmul(gpu, qc, k, MatmulOpts { trans_b: true, bias: None, alpha: 1.0 })?;
+        let p = softmax(gpu, &s, scale)?;
+        matmul(gpu, &p, v, MatmulOpts::default())
+    };
+    if rows == nq {
+        return block(q);
+    }
+    let out = Tensor::empty(gpu, &[b, nq, d])?;
+    let f = 4u64;
+    let mut start = 0;
+    while start < nq {
+        let len = rows.min(nq - start);
+        let qc = Tensor::empty(gpu, &[b, len, d])?;
+        for bi in 0..b {
+            let src = ((bi * nq + start) * d) as u64 * f;
+            gpu.copy(q.buffer(), src, qc.buffer(), (bi * len * d) as u64 * f, (len * d) as u64 * f);
+        }
+        let oc = block(&qc)?;
+        for bi in 0..b {
+            let dst = ((bi * nq + start) * d) as u64 * f;
+            gpu.copy(oc.buffer(), (bi * len * d) as u64 * f, out.buffer(), dst, (len * d) as u64 * f);
+        }
+        start += len;
+    }
+    Ok(out)
 }

@@ -8,11 +8,12 @@
 
 use super::config::{PerLevel, UNetConfig};
 use super::embeddings::{TimestepEmbedding, Timesteps};
-use super::resnet::{Conv2d, GroupNorm};
 use super::unet_blocks::{BlockSpec, DownBlock, MidBlock, UpBlock};
 use super::weights::{WeightPolicy, WeightSource};
 use crate::error::{shape_err, Error, Result};
 use crate::gpu::Gpu;
+use crate::nn::{Conv2d, GroupNorm};
+use crate::ops::conv::Conv2dParams;
 use crate::ops::elementwise::{silu, unary, Unary};
 use crate::tensor::Tensor;
 
@@ -67,7 +68,8 @@ impl UNet2DConditionModel {
         };
 
         let pad_in = (c.conv_in_kernel - 1) / 2;
-        let conv_in = Conv2d::load(gpu, src, policy, "conv_in", c.in_channels, ch[0], c.conv_in_kernel, 1, pad_in)?;
+        let same = |padding| Conv2dParams { stride: 1, padding };
+        let conv_in = Conv2d::load(gpu, src, "conv_in", c.in_channels, ch[0], c.conv_in_kernel, same(pad_in), policy)?;
         let time_proj =
             Timesteps { num_channels: ch[0], flip_sin_to_cos: c.flip_sin_to_cos, downscale_freq_shift: c.freq_shift as f32 };
         let time_embedding =
@@ -131,9 +133,9 @@ impl UNet2DConditionModel {
             up_blocks.push(UpBlock::load(gpu, src, policy, &format!("up_blocks.{i}"), &s)?);
             up_specs.push(s);
         }
-        let conv_norm_out = GroupNorm::load(gpu, src, policy, "conv_norm_out", groups, ch[0], c.norm_eps as f32)?;
+        let conv_norm_out = GroupNorm::load(gpu, src, "conv_norm_out", groups, ch[0], c.norm_eps as f32, policy)?;
         let pad_out = (c.conv_out_kernel - 1) / 2;
-        let conv_out = Conv2d::load(gpu, src, policy, "conv_out", ch[0], c.out_channels, c.conv_out_kernel, 1, pad_out)?;
+        let conv_out = Conv2d::load(gpu, src, "conv_out", ch[0], c.out_channels, c.conv_out_kernel, same(pad_out), policy)?;
 
         check_no_extra_layers(src, &down_specs, &mid_spec, &up_specs)?;
         Ok(Self {

@@ -3,11 +3,12 @@
 //! A block without attention is the cross-attention block with no transformers, so one type
 //! covers both variants of each level.
 
-use super::resnet::{join, Downsample2D, ResnetBlock2D, ResnetSpec, Upsample2D};
+use super::resnet::{Downsample2D, ResnetBlock2D, ResnetSpec, Upsample2D};
 use super::transformer::{Transformer2DModel, TransformerSpec};
 use super::weights::{WeightPolicy, WeightSource};
 use crate::error::{shape_err, Result};
 use crate::gpu::Gpu;
+use crate::nn::join;
 use crate::ops::layout::concat;
 use crate::tensor::Tensor;
 
@@ -43,7 +44,7 @@ impl BlockSpec {
         ResnetSpec {
             in_channels,
             out_channels,
-            temb_channels: self.temb_channels,
+            temb_channels: Some(self.temb_channels),
             groups: self.groups,
             eps: self.eps,
             output_scale_factor: self.output_scale_factor,
@@ -127,7 +128,7 @@ impl DownBlock {
     ) -> Result<Tensor> {
         let mut h = x.clone();
         for (i, resnet) in self.resnets.iter().enumerate() {
-            h = resnet.forward(gpu, &h, temb_act)?;
+            h = resnet.forward(gpu, &h, Some(temb_act))?;
             if let Some(attn) = self.attentions.get(i) {
                 h = attn.forward(gpu, &h, context)?;
             }
@@ -158,10 +159,10 @@ impl MidBlock {
     }
 
     pub fn forward(&self, gpu: &Gpu, x: &Tensor, temb_act: &Tensor, context: &Tensor) -> Result<Tensor> {
-        let mut h = self.resnets[0].forward(gpu, x, temb_act)?;
+        let mut h = self.resnets[0].forward(gpu, x, Some(temb_act))?;
         for (attn, resnet) in self.attentions.iter().zip(&self.resnets[1..]) {
             h = attn.forward(gpu, &h, context)?;
-            h = resnet.forward(gpu, &h, temb_act)?;
+            h = resnet.forward(gpu, &h, Some(temb_act))?;
         }
         Ok(h)
     }
@@ -224,7 +225,7 @@ impl UpBlock {
                 ));
             }
             h = concat(gpu, &[&h, &skip], 1)?;
-            h = resnet.forward(gpu, &h, temb_act)?;
+            h = resnet.forward(gpu, &h, Some(temb_act))?;
             if let Some(attn) = self.attentions.get(i) {
                 h = attn.forward(gpu, &h, context)?;
             }

@@ -14,25 +14,29 @@
 //! and computed on the host from the read-back moments ([`LatentDist::read`]).
 
 use super::config::VaeConfig;
-use super::vae_blocks::{BlockDims, Conv, GroupNorm, Loader, MidBlock, ResampleBlock};
+use super::vae_blocks::{BlockDims, MidBlock, ResampleBlock, VAE_NORM_EPS};
 use super::weights::{WeightPolicy, WeightSource};
 use crate::error::{shape_err, Result};
 use crate::gpu::Gpu;
-use crate::ops::conv::Conv2dParams;
+use crate::nn::{Conv2d, GroupNorm, POINTWISE, SAME3};
 use crate::ops::elementwise::{unary, Unary};
 use crate::tensor::Tensor;
 
-const SAME3: Conv2dParams = Conv2dParams { stride: 1, padding: 1 };
-const POINTWISE: Conv2dParams = Conv2dParams { stride: 1, padding: 0 };
+/// Where the encoder and decoder find their parameters and how they are stored.
+struct Loader<'a> {
+    gpu: &'a Gpu,
+    src: &'a dyn WeightSource,
+    policy: WeightPolicy,
+}
 
 /// `Encoder` (double_z): conv_in, down blocks, mid block, group norm + SiLU, conv_out to
 /// `2·latent_channels`.
 pub struct Encoder {
-    conv_in: Conv,
+    conv_in: Conv2d,
     down: Vec<ResampleBlock>,
     mid: MidBlock,
     norm_out: GroupNorm,
-    conv_out: Conv,
+    conv_out: Conv2d,
 }
 
 impl Encoder {
@@ -46,15 +50,15 @@ impl Encoder {
             let prefix = format!("encoder.down_blocks.{i}");
             let downsample = i + 1 < ch.len();
             let dims = BlockDims { layers: c.layers_per_block, cin, cout, groups: g };
-            down.push(ResampleBlock::load_down(l, &prefix, dims, downsample)?);
+            down.push(ResampleBlock::load_down(l.gpu, l.src, l.policy, &prefix, dims, downsample)?);
             cin = cout;
         }
         Ok(Self {
-            conv_in: Conv::load(l, "encoder.conv_in", c.in_channels, ch[0], 3, SAME3)?,
+            conv_in: Conv2d::load(l.gpu, l.src, "encoder.conv_in", c.in_channels, ch[0], 3, SAME3, l.policy)?,
             down,
-            mid: MidBlock::load(l, "encoder.mid_block", last, g, c.mid_block_add_attention)?,
-            norm_out: GroupNorm::load(l, "encoder.conv_norm_out", last, g)?,
-            conv_out: Conv::load(l, "encoder.conv_out", last, 2 * c.latent_channels, 3, SAME3)?,
+            mid: MidBlock::load(l.gpu, l.src, l.policy, "encoder.mid_block", last, g, c.mid_block_add_attention)?,
+            norm_out: GroupNorm::load(l.gpu, l.src, "encoder.conv_norm_out", g, last, VAE_NORM_EPS, l.policy)?,
+            conv_out: Conv2d::load(l.gpu, l.src, "encoder.conv_out", last, 2 * c.latent_channels, 3, SAME3, l.policy)?,
         })
     }
 
@@ -72,11 +76,11 @@ impl Encoder {
 /// `Decoder`: conv_in, mid block, up blocks (`layers_per_block + 1` resnets each), group norm +
 /// SiLU, conv_out.
 pub struct Decoder {
-    conv_in: Conv,
+    conv_in: Conv2d,
     mid: MidBlock,
     up: Vec<ResampleBlock>,
     norm_out: GroupNorm,
-    conv_out: Conv,
+    conv_out: Conv2d,
 }
 
 impl Decoder {
@@ -90,15 +94,15 @@ impl Decoder {
             let prefix = format!("decoder.up_blocks.{i}");
             let upsample = i + 1 < ch.len();
             let dims = BlockDims { layers: c.layers_per_block + 1, cin, cout, groups: g };
-            up.push(ResampleBlock::load_up(l, &prefix, dims, upsample)?);
+            up.push(ResampleBlock::load_up(l.gpu, l.src, l.policy, &prefix, dims, upsample)?);
             cin = cout;
         }
         Ok(Self {
-            conv_in: Conv::load(l, "decoder.conv_in", c.latent_channels, last, 3, SAME3)?,
-            mid: MidBlock::load(l, "decoder.mid_block", last, g, c.mid_block_add_attention)?,
+            conv_in: Conv2d::load(l.gpu, l.src, "decoder.conv_in", c.latent_channels, last, 3, SAME3, l.policy)?,
+            mid: MidBlock::load(l.gpu, l.src, l.policy, "decoder.mid_block", last, g, c.mid_block_add_attention)?,
             up,
-            norm_out: GroupNorm::load(l, "decoder.conv_norm_out", ch[0], g)?,
-            conv_out: Conv::load(l, "decoder.conv_out", ch[0], c.out_channels, 3, SAME3)?,
+            norm_out: GroupNorm::load(l.gpu, l.src, "decoder.conv_norm_out", g, ch[0], VAE_NORM_EPS, l.policy)?,
+            conv_out: Conv2d::load(l.gpu, l.src, "decoder.conv_out", ch[0], c.out_channels, 3, SAME3, l.policy)?,
         })
     }
 
@@ -182,9 +186,9 @@ impl LatentDist {
 pub struct AutoencoderKL {
     config: VaeConfig,
     encoder: Option<Encoder>,
-    quant_conv: Option<Conv>,
+    quant_conv: Option<Conv2d>,
     decoder: Decoder,
-    post_quant_conv: Option<Conv>,
+    post_quant_conv: Option<Conv2d>,
 }
 
 impl AutoencoderKL {
@@ -206,7 +210,7 @@ impl AutoencoderKL {
             VaeParts::Both => (
                 Some(Encoder::load(&l, config)?),
                 if config.use_quant_conv {
-                    Some(Conv::load(&l, "quant_conv", 2 * lc, 2 * lc, 1, POINTWISE)?)
+                    Some(Conv2d::load(gpu, src, "quant_conv", 2 * lc, 2 * lc, 1, POINTWISE, policy)?)
                 } else {
                     None
                 },
@@ -219,7 +223,7 @@ impl AutoencoderKL {
             quant_conv,
             decoder: Decoder::load(&l, config)?,
             post_quant_conv: if config.use_post_quant_conv {
-                Some(Conv::load(&l, "post_quant_conv", lc, lc, 1, POINTWISE)?)
+                Some(Conv2d::load(gpu, src, "post_quant_conv", lc, lc, 1, POINTWISE, policy)?)
             } else {
                 None
             },
