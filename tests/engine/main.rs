@@ -11,6 +11,7 @@ mod elementwise;
 mod layout;
 mod matmul;
 mod norm;
+mod pipeline;
 mod quantize;
 mod runtime;
 mod safetensors_io;

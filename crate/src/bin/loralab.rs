@@ -1,5 +1,8 @@
-//! The `loralab` command line: adapter information and the kernel self-test on this machine's
-//! GPU (Vulkan / Metal / DX12 / GL through wgpu).
+//! The `loralab` command line: adapter information, the kernel self-test and text-to-image
+//! generation on this machine's GPU (Vulkan / Metal / DX12 / GL through wgpu).
+
+#[path = "loralab/generate.rs"]
+mod generate;
 
 use loralab::selftest::{self, DeviceInfo, SelfTestReport};
 use loralab::{Gpu, GpuOptions};
@@ -14,7 +17,7 @@ Usage:
   loralab bench kernels [--json] [--plain] [--quick] [--iters N] [--warmup N] [--filter TEXT]
                                         GFLOP/s and GB/s of matmul (f32/f16/q8_0/q4_0), conv2d 3x3
                                         and attention at Stable Diffusion 1.5 shapes
-  loralab help                          this text
+{GENERATE}  loralab help                          this text
 
 Options:
   --json    machine-readable output on stdout
@@ -25,6 +28,10 @@ Environment:
   WGPU_BACKEND=vulkan|gl|metal|dx12   choose the native backend
   WGPU_ADAPTER_NAME=<substring>       choose an adapter by name
 ";
+
+fn usage() -> String {
+    USAGE.replace("{GENERATE}", generate::USAGE)
+}
 
 /// Options shared by the subcommands.
 #[derive(Default)]
@@ -254,7 +261,7 @@ fn main() -> ExitCode {
     let (cmd, rest) = match args.split_first() {
         Some((c, r)) => (c.as_str(), r),
         None => {
-            out(USAGE);
+            out(&usage());
             return ExitCode::from(2);
         }
     };
@@ -262,8 +269,9 @@ fn main() -> ExitCode {
         "info" => info(rest),
         "selftest" | "self-test" => run_selftest(rest),
         "bench" => run_bench(rest),
+        "generate" => generate::run(rest),
         "help" | "--help" | "-h" => {
-            out(USAGE);
+            out(&usage());
             Ok(ExitCode::SUCCESS)
         }
         other => {

@@ -2,6 +2,7 @@
 //! in-memory buffer, or (in the browser Worker) `FileReaderSync` over `Blob.slice` / a
 //! synchronous HTTP `Range` request can implement, and the safetensors reader built on it.
 
+pub mod png;
 pub mod safetensors;
 
 use crate::error::{Error, Result};

@@ -1,0 +1,289 @@
+//! `loralab generate`: text to image with a Stable Diffusion 1.x/2.x model (a diffusers folder
+//! or a single `.safetensors` checkpoint), writing a PNG with A1111-style `parameters` text and,
+//! on request, the pipeline's intermediate tensors.
+
+use loralab::io::safetensors::SafetensorsFile;
+use loralab::model::checkpoint::{is_pickle_name, open_path, refuse_pickle};
+use loralab::pipeline::{GenerateOptions, StableDiffusionPipeline, StepProgress, WeightPlan};
+use loralab::sampler::SamplerKind;
+use loralab::{DType, Gpu, GpuOptions};
+use std::path::{Path, PathBuf};
+use std::process::ExitCode;
+use std::time::Instant;
+
+pub const USAGE: &str = "\
+  loralab generate --model PATH --prompt TEXT --out IMAGE.png [options]
+                                        text to image; PATH is a diffusers folder or a single
+                                        .safetensors checkpoint
+      --negative TEXT                   negative prompt (default: none, i.e. \"\")
+      --seed N                          noise seed (default: random, printed)
+      --steps N                         denoising steps (default 20)
+      --cfg F                           guidance scale (default 7.5; <= 1 turns guidance off)
+      --sampler NAME                    ddim|euler|euler_a|dpmpp_2m|dpmpp_2m_karras|lcm (default euler_a)
+      --width W --height H              image size in pixels (default: the model's, 512 for SD1.5)
+      --weights TYPE                    f32|f16|q8_0|q4_0 storage of the layer matrices (default f32)
+      --clip-skip N                     A1111 clip skip: 1 = last layer (default), 2 = penultimate
+      --config DIR                      configs + tokenizer of a single-file checkpoint, from a
+                                        diffusers folder (default: Stable Diffusion 1.5's)
+      --init-latents FILE.safetensors   initial noise: tensor `latents` [1,4,H/8,W/8]
+      --dump FILE.safetensors           write prompt_embeds, negative_prompt_embeds,
+                                        latents_step_{i} and image [1,3,H,W] (f32)
+      --plain                           no shader-f16 / subgroups
+";
+
+struct Args {
+    model: PathBuf,
+    config: Option<PathBuf>,
+    out: PathBuf,
+    dump: Option<PathBuf>,
+    init_latents: Option<PathBuf>,
+    weights: DType,
+    clip_skip: usize,
+    plain: bool,
+    opts: GenerateOptions,
+}
+
+fn usage_err(message: impl std::fmt::Display) -> String {
+    format!("`loralab generate`: {message}")
+}
+
+fn parse_num<T: std::str::FromStr>(name: &str, v: &str, what: &str) -> Result<T, String> {
+    v.trim().parse().map_err(|_| usage_err(format!("`{name} {v}`: expected {what}")))
+}
+
+fn parse_args(args: &[String]) -> Result<Args, String> {
+    let mut model = None;
+    let mut prompt = None;
+    let mut out = None;
+    let mut a = Args {
+        model: PathBuf::new(),
+        config: None,
+        out: PathBuf::new(),
+        dump: None,
+        init_latents: None,
+        weights: DType::F32,
+        clip_skip: 1,
+        plain: false,
+        opts: GenerateOptions { sampler: SamplerKind::EulerAncestral, ..Default::default() },
+    };
+    let mut seed = None;
+    let mut it = args.iter();
+    while let Some(arg) = it.next() {
+        let (name, inline) = match arg.split_once('=') {
+            Some((n, v)) if n.starts_with("--") => (n, Some(v.to_string())),
+            _ => (arg.as_str(), None),
+        };
+        if name == "--plain" {
+            a.plain = true;
+            continue;
+        }
+        let known = [
+            "--model", "--prompt", "--negative", "--seed", "--steps", "--cfg", "--sampler", "--width", "--height",
+            "--weights", "--clip-skip", "--config", "--init-latents", "--dump", "--out",
+        ];
+        if !known.contains(&name) {
+            return Err(usage_err(format!("unknown option `{arg}`")));
+        }
+        let v = match inline {
+            Some(v) => v,
+            None => it.next().cloned().ok_or_else(|| usage_err(format!("option `{name}` needs a value")))?,
+        };
+        match name {
+            "--model" => model = Some(PathBuf::from(v)),
+            "--prompt" => prompt = Some(v),
+            "--negative" => a.opts.negative = v,
+            "--seed" => seed = Some(parse_num::<u64>(name, &v, "a whole number 0..2^64")?),
+            "--steps" => {
+                a.opts.steps = parse_num(name, &v, "a positive whole number")?;
+                if a.opts.steps == 0 {
+                    return Err(usage_err(format!("`--steps {v}`: expected a positive whole number")));
+                }
+            }
+            "--cfg" => {
+                a.opts.cfg = parse_num(name, &v, "a number")?;
+                if !a.opts.cfg.is_finite() || a.opts.cfg < 0.0 {
+                    return Err(usage_err(format!("`--cfg {v}`: expected a number >= 0")));
+                }
+            }
+            "--sampler" => {
+                a.opts.sampler = SamplerKind::parse(&v).map_err(|_| {
+                    usage_err(format!(
+                        "`--sampler {v}`: unknown sampler (one of ddim, euler, euler_a, dpmpp_2m, dpmpp_2m_karras, lcm)"
+                    ))
+                })?
+            }
+            "--width" | "--height" => {
+                let n: usize = parse_num(name, &v, "a positive whole number of pixels")?;
+                if n == 0 {
+                    return Err(usage_err(format!("`{name} {v}`: expected a positive whole number of pixels")));
+                }
+                if name == "--width" {
+                    a.opts.width = Some(n)
+                } else {
+                    a.opts.height = Some(n)
+                }
+            }
+            "--weights" => {
+                a.weights = match v.to_ascii_lowercase().as_str() {
+                    "f32" => DType::F32,
+                    "f16" => DType::F16,
+                    "q8_0" => DType::Q8_0,
+                    "q4_0" => DType::Q4_0,
+                    _ => return Err(usage_err(format!("`--weights {v}`: unknown weight type (one of f32, f16, q8_0, q4_0)"))),
+                }
+            }
+            "--clip-skip" => {
+                a.clip_skip = parse_num(name, &v, "a whole number >= 1 (1 = last layer)")?;
+                if a.clip_skip == 0 {
+                    return Err(usage_err(format!("`--clip-skip {v}`: expected a whole number >= 1 (1 = last layer)")));
+                }
+            }
+            "--config" => a.config = Some(PathBuf::from(v)),
+            "--init-latents" => a.init_latents = Some(PathBuf::from(v)),
+            "--dump" => a.dump = Some(PathBuf::from(v)),
+            "--out" => out = Some(PathBuf::from(v)),
+            _ => unreachable!("listed above"),
+        }
+    }
+    a.model = model.ok_or_else(|| usage_err("option `--model PATH` needs a value (a diffusers folder or a .safetensors file)"))?;
+    a.opts.prompt = prompt.ok_or_else(|| usage_err("option `--prompt TEXT` needs a value"))?;
+    a.out = out.ok_or_else(|| usage_err("option `--out IMAGE.png` needs a value"))?;
+    a.opts.clip_skip = a.clip_skip - 1;
+    a.opts.seed = seed.unwrap_or_else(|| {
+        let t = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap_or_default();
+        (t.as_nanos() as u64) % 4_294_967_296
+    });
+    Ok(a)
+}
+
+/// The A1111 name of a sampler.
+fn a1111_sampler(kind: SamplerKind) -> &'static str {
+    match kind {
+        SamplerKind::Ddim => "DDIM",
+        SamplerKind::Euler => "Euler",
+        SamplerKind::EulerAncestral => "Euler a",
+        SamplerKind::DpmPp2M => "DPM++ 2M",
+        SamplerKind::DpmPp2MKarras => "DPM++ 2M Karras",
+        SamplerKind::Lcm => "LCM",
+    }
+}
+
+/// The model's name as A1111 writes it: the file stem or the folder name.
+fn model_name(path: &Path) -> String {
+    let p = if path.is_dir() { path.file_name() } else { path.file_stem() };
+    p.map(|s| s.to_string_lossy().into_owned()).unwrap_or_else(|| path.display().to_string())
+}
+
+/// A1111's `parameters` text.
+fn parameters(a: &Args, width: usize, height: usize) -> String {
+    let o = &a.opts;
+    let mut s = o.prompt.clone();
+    if !o.negative.is_empty() {
+        s.push_str(&format!("\nNegative prompt: {}", o.negative));
+    }
+    s.push_str(&format!(
+        "\nSteps: {}, Sampler: {}, CFG scale: {}, Seed: {}, Size: {width}x{height}, Model: {}",
+        o.steps,
+        a1111_sampler(o.sampler),
+        o.cfg,
+        o.seed,
+        model_name(&a.model)
+    ));
+    if a.clip_skip > 1 {
+        s.push_str(&format!(", Clip skip: {}", a.clip_skip));
+    }
+    if a.weights != DType::F32 {
+        s.push_str(&format!(", Weights: {}", a.weights));
+    }
+    s
+}
+
+/// Reads `latents` from an `--init-latents` file, checking its shape.
+fn read_init_latents(path: &Path, want: [usize; 4]) -> Result<Vec<f32>, String> {
+    let name = path.display();
+    let f = SafetensorsFile::open_path(path).map_err(|e| format!("--init-latents {e}"))?;
+    let entry = f.get("latents").ok_or_else(|| {
+        let names: Vec<&str> = f.tensors().iter().map(|t| t.name.as_str()).collect();
+        format!("--init-latents {name}: tensor `latents` is missing (the file has: {})", names.join(", "))
+    })?;
+    if entry.shape != want {
+        return Err(format!(
+            "--init-latents {name}: tensor `latents` has shape {:?} but this image size needs {want:?}",
+            entry.shape
+        ));
+    }
+    f.read_f32("latents").map_err(|e| format!("--init-latents {e}"))
+}
+
+fn write_file(option: &str, path: &Path, bytes: &[u8]) -> Result<(), String> {
+    std::fs::write(path, bytes).map_err(|e| format!("{option} {}: cannot write: {e}", path.display()))
+}
+
+pub fn run(args: &[String]) -> Result<ExitCode, String> {
+    let mut a = parse_args(args)?;
+    let name = a.model.display().to_string();
+    if is_pickle_name(&name) && !a.model.is_dir() {
+        return Err(format!("--model {}", refuse_pickle(&name)));
+    }
+    if !a.model.exists() {
+        return Err(format!("--model {}: no such file or directory", a.model.display()));
+    }
+    if let Some(c) = &a.config {
+        if !c.is_dir() {
+            return Err(format!("--config {}: not a diffusers folder (no such directory)", c.display()));
+        }
+    }
+    if let Some(p) = &a.init_latents {
+        if !p.is_file() {
+            return Err(format!("--init-latents {}: no such file", p.display()));
+        }
+    }
+
+    let t0 = Instant::now();
+    let ck = open_path(&a.model, a.config.as_deref()).map_err(|e| e.to_string())?;
+    let gpu_opts = GpuOptions { disable_f16: a.plain, disable_subgroups: a.plain, ..Default::default() };
+    let gpu = pollster::block_on(Gpu::new(gpu_opts)).map_err(|e| e.to_string())?;
+    let pipe = StableDiffusionPipeline::load(&gpu, ck, WeightPlan::new(a.weights)).map_err(|e| e.to_string())?;
+    eprintln!("loaded {} ({} weights) in {:.2} s", a.model.display(), a.weights, t0.elapsed().as_secs_f64());
+
+    let (dw, dh) = pipe.default_size();
+    let (width, height) = (a.opts.width.unwrap_or(dw), a.opts.height.unwrap_or(dh));
+    let shape = pipe.latents_shape(width, height).map_err(|e| {
+        format!("--width {width} --height {height}: {}", e.to_string().trim_start_matches("invalid argument: "))
+    })?;
+    a.opts.width = Some(width);
+    a.opts.height = Some(height);
+    if let Some(p) = &a.init_latents {
+        a.opts.init_latents = Some(read_init_latents(p, shape)?);
+    }
+    eprintln!(
+        "generating {width}x{height}, {} {} steps, cfg {}, seed {}",
+        a.opts.steps, a.opts.sampler, a.opts.cfg, a.opts.seed
+    );
+    let t1 = Instant::now();
+    let mut last = Instant::now();
+    let mut progress = |p: &StepProgress<'_>| {
+        eprintln!(
+            "step {}/{}  t={}  {:.2} s",
+            p.step + 1,
+            p.steps,
+            p.timestep,
+            last.elapsed().as_secs_f64()
+        );
+        last = Instant::now();
+    };
+    let out = pollster::block_on(pipe.generate(&gpu, &a.opts, &mut progress)).map_err(|e| e.to_string())?;
+    eprintln!("generated in {:.2} s", t1.elapsed().as_secs_f64());
+
+    let [_, _, h, w] = out.image_shape;
+    let text = parameters(&a, w, h);
+    let png = loralab::io::png::encode_rgb8(w, h, &out.to_rgb8(), &[("parameters", &text)]).map_err(|e| e.to_string())?;
+    write_file("--out", &a.out, &png)?;
+    eprintln!("wrote {}", a.out.display());
+    if let Some(d) = &a.dump {
+        let bytes = out.dump_safetensors().map_err(|e| e.to_string())?;
+        write_file("--dump", d, &bytes)?;
+        eprintln!("wrote {}", d.display());
+    }
+    Ok(ExitCode::SUCCESS)
+}

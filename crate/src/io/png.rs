@@ -1,0 +1,83 @@
+//! PNG files with text metadata, through the `png` crate (pure Rust, no file system: bytes in,
+//! bytes out, so the browser uses it too).
+//!
+//! Text chunks follow what A1111 / PIL write: a `tEXt` chunk when the text is Latin-1, an
+//! uncompressed `iTXt` (UTF-8) chunk otherwise.
+
+use crate::error::{Error, Result};
+
+fn err(message: impl std::fmt::Display) -> Error {
+    Error::Invalid(format!("png: {message}"))
+}
+
+/// Encodes 8-bit RGB pixels (`[H, W, 3]` row-major) as a PNG with the given text chunks
+/// (keyword, text).
+pub fn encode_rgb8(width: usize, height: usize, rgb: &[u8], text: &[(&str, &str)]) -> Result<Vec<u8>> {
+    if rgb.len() != width * height * 3 || width == 0 || height == 0 {
+        return Err(err(format!("{} bytes for a {width}x{height} RGB image", rgb.len())));
+    }
+    let (w, h) = (u32::try_from(width).map_err(err)?, u32::try_from(height).map_err(err)?);
+    let mut out = Vec::new();
+    {
+        let mut enc = png::Encoder::new(&mut out, w, h);
+        enc.set_color(png::ColorType::Rgb);
+        enc.set_depth(png::BitDepth::Eight);
+        for (keyword, value) in text {
+            if value.chars().all(|c| (c as u32) < 256) {
+                enc.add_text_chunk(keyword.to_string(), value.to_string()).map_err(err)?;
+            } else {
+                enc.add_itxt_chunk(keyword.to_string(), value.to_string()).map_err(err)?;
+            }
+        }
+        let mut writer = enc.write_header().map_err(err)?;
+        writer.write_image_data(rgb).map_err(err)?;
+        writer.finish().map_err(err)?;
+    }
+    Ok(out)
+}
+
+/// A decoded PNG: size, channel count (after expanding palettes / 16-bit to 8-bit), pixels and
+/// text chunks (`tEXt`, `zTXt`, `iTXt`) in file order by kind.
+#[derive(Clone, Debug)]
+pub struct DecodedPng {
+    pub width: usize,
+    pub height: usize,
+    pub channels: usize,
+    pub pixels: Vec<u8>,
+    pub text: Vec<(String, String)>,
+}
+
+impl DecodedPng {
+    /// The text of chunk `keyword`, if present.
+    pub fn text(&self, keyword: &str) -> Option<&str> {
+        self.text.iter().find(|(k, _)| k == keyword).map(|(_, v)| v.as_str())
+    }
+}
+
+/// Decodes a PNG with its text chunks.
+pub fn decode(bytes: &[u8]) -> Result<DecodedPng> {
+    let mut dec = png::Decoder::new(std::io::Cursor::new(bytes));
+    dec.set_transformations(png::Transformations::EXPAND | png::Transformations::STRIP_16);
+    let mut reader = dec.read_info().map_err(err)?;
+    let size = reader.output_buffer_size().ok_or_else(|| err("image too large"))?;
+    let mut pixels = vec![0u8; size];
+    let frame = reader.next_frame(&mut pixels).map_err(err)?;
+    pixels.truncate(frame.buffer_size());
+    reader.finish().map_err(err)?;
+    let info = reader.info();
+    let mut text: Vec<(String, String)> =
+        info.uncompressed_latin1_text.iter().map(|c| (c.keyword.clone(), c.text.clone())).collect();
+    for c in &info.compressed_latin1_text {
+        text.push((c.keyword.clone(), c.get_text().map_err(err)?));
+    }
+    for c in &info.utf8_text {
+        text.push((c.keyword.clone(), c.get_text().map_err(err)?));
+    }
+    Ok(DecodedPng {
+        width: frame.width as usize,
+        height: frame.height as usize,
+        channels: frame.color_type.samples(),
+        pixels,
+        text,
+    })
+}
