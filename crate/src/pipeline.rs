@@ -197,15 +197,7 @@ impl StableDiffusionPipeline {
             Some(SampleSize::HeightWidth([h, w])) => (w * f, h * f),
             None => (64 * f, 64 * f),
         };
-        Ok(StableDiffusionPipeline {
-            tokenizer: ck.tokenizer,
-            text_encoder,
-            unet,
-            vae,
-            scheduler,
-            plan,
-            default_size,
-        })
+        Ok(StableDiffusionPipeline { tokenizer: ck.tokenizer, text_encoder, unet, vae, scheduler, plan, default_size })
     }
 
     pub fn weight_plan(&self) -> WeightPlan {
@@ -341,10 +333,8 @@ impl StableDiffusionPipeline {
         // 4. Decode.
         let z = Tensor::from_f32(gpu, &shape, &latents)?;
         let image = self.vae.decode(gpu, &z)?;
-        let image_shape: [usize; 4] = image
-            .shape()
-            .try_into()
-            .map_err(|_| invalid(format!("VAE output {:?} is not NCHW", image.shape())))?;
+        let image_shape: [usize; 4] =
+            image.shape().try_into().map_err(|_| invalid(format!("VAE output {:?} is not NCHW", image.shape())))?;
         let image = to_image_01(&image.to_f32(gpu).await?);
         Ok(GenerateOutput {
             image,

@@ -9,7 +9,10 @@
 //! Bounds: f32 weights 1e-4 on everything (measured on lavapipe over all 32 runs: embeddings
 //! <= 1.5e-6, latents <= 3.1e-6, images <= 4.5e-6, the same for both layouts); q8_0 weights
 //! (UNet and text encoder q8_0, VAE f16) on model b's dpmpp_2m case: embeddings 0.25, latents
-//! and image 0.1 (measured 1.1e-1, 2.6e-2, 1.6e-2). The CLI test runs the built `loralab generate`
+//! and image 0.1 (measured 1.1e-1, 2.6e-2, 1.6e-2); f16 keeps the f32 bound (the fixtures'
+//! weights are exact in f16; measured 1.7e-6); q4_0 1.5 / 0.5 / 0.4 (measured 7.4e-1, 2.7e-1,
+//! 1.9e-1: the fixtures' 8-value rows are single padded blocks). clip skip is checked against
+//! the text encoder references. The CLI test runs the built `loralab generate`
 //! with --init-latents and --dump and checks the dump against the references, the PNG's pixels
 //! and its A1111 `parameters` chunk; bad inputs must exit non-zero with messages naming the
 //! option or file.
@@ -17,7 +20,9 @@
 use super::common::{block, gpu};
 use loralab::io::safetensors::SafetensorsFile;
 use loralab::model::checkpoint::open_path;
-use loralab::pipeline::{write_safetensors_f32, GenerateOptions, GenerateOutput, StableDiffusionPipeline, StepProgress, WeightPlan};
+use loralab::pipeline::{
+    write_safetensors_f32, GenerateOptions, GenerateOutput, StableDiffusionPipeline, StepProgress, WeightPlan,
+};
 use loralab::sampler::{PredictionType, SamplerKind};
 use loralab::DType;
 use serde_json::Value;
@@ -30,6 +35,9 @@ const F32_BOUND: f64 = 1e-4;
 /// each one padded q8_0 block, so its error is large (measured 1.1e-1 on model b, as
 /// tests/engine/clip.rs finds); latents 2.6e-2, image 1.6e-2.
 const Q8_BOUNDS: [f64; 3] = [0.25, 0.1, 0.1];
+/// q4_0 weights (VAE f16), same case: measured embeddings 7.4e-1 (the padded 8-value rows
+/// again), latents 2.7e-1, image 1.9e-1.
+const Q4_BOUNDS: [f64; 3] = [1.5, 0.5, 0.4];
 
 fn fixtures() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("../tests/fixtures")
@@ -90,9 +98,8 @@ fn case_options(pipe: &StableDiffusionPipeline, model: &str, case: &str, info: &
     let steps = info["num_inference_steps"].as_u64().unwrap() as usize;
     let noise_steps: Vec<usize> =
         info["noise_steps"].as_array().unwrap().iter().map(|v| v.as_u64().unwrap() as usize).collect();
-    let step_noise = (0..steps)
-        .map(|i| noise_steps.contains(&i).then(|| r.read_f32(&format!("noise_step_{i}")).unwrap()))
-        .collect();
+    let step_noise =
+        (0..steps).map(|i| noise_steps.contains(&i).then(|| r.read_f32(&format!("noise_step_{i}")).unwrap())).collect();
     GenerateOptions {
         prompt: info["prompt"].as_str().unwrap().to_string(),
         negative: info["negative_prompt"].as_str().unwrap_or("").to_string(),
@@ -110,7 +117,12 @@ fn case_options(pipe: &StableDiffusionPipeline, model: &str, case: &str, info: &
 }
 
 /// Worst errors of one run: (embeddings, latents, image).
-fn compare(what: &str, out: &GenerateOutput, r: &SafetensorsFile<loralab::io::LocalFile>, bounds: [f64; 3]) -> [f64; 3] {
+fn compare(
+    what: &str,
+    out: &GenerateOutput,
+    r: &SafetensorsFile<loralab::io::LocalFile>,
+    bounds: [f64; 3],
+) -> [f64; 3] {
     let read = |n: &str| r.read_f32(n).unwrap_or_else(|e| panic!("{what}: {e}"));
     let mut e = [0f64; 3];
     e[0] = rel_err(&format!("{what}: prompt_embeds"), &out.prompt_embeds, &read("prompt_embeds"));
@@ -142,8 +154,10 @@ fn run_all_cases(model: &str, layout: Layout) {
     for (case, info) in cases {
         let opts = case_options(&pipe, model, case, info);
         let mut seen = Vec::new();
-        let out = block(pipe.generate(gpu(), &opts, &mut |p: &StepProgress<'_>| seen.push((p.step, p.steps, p.latents.to_vec()))))
-            .unwrap_or_else(|e| panic!("{model}/{case}: {e}"));
+        let out = block(
+            pipe.generate(gpu(), &opts, &mut |p: &StepProgress<'_>| seen.push((p.step, p.steps, p.latents.to_vec()))),
+        )
+        .unwrap_or_else(|e| panic!("{model}/{case}: {e}"));
         assert_eq!(seen.len(), opts.steps, "{model}/{case}: progress calls");
         assert!(seen.iter().zip(&out.latents).all(|(s, l)| &s.2 == l && s.1 == opts.steps));
         let ts: Vec<f32> = info["timesteps"].as_array().unwrap().iter().map(|v| v.as_f64().unwrap() as f32).collect();
@@ -183,16 +197,48 @@ fn pipeline_matches_diffusers_single_file_b() {
     run_all_cases(MODELS[1], Layout::SingleFile);
 }
 
-#[test]
-fn pipeline_q8_0_weights_stay_close() {
+fn quantized_run(dtype: DType, bounds: [f64; 3]) -> [f64; 3] {
     let model = MODELS[1];
     let m = manifest();
     let info = &m["pipelines"][model]["cases"]["dpmpp_2m"];
-    let pipe = load(model, Layout::Folder, DType::Q8_0);
+    let pipe = load(model, Layout::Folder, dtype);
     let opts = case_options(&pipe, model, "dpmpp_2m", info);
     let out = block(pipe.generate(gpu(), &opts, &mut |_: &StepProgress<'_>| {})).unwrap();
-    let e = compare(&format!("{model} q8_0 dpmpp_2m"), &out, &refs(model, "dpmpp_2m"), Q8_BOUNDS);
-    eprintln!("{model} q8_0 dpmpp_2m: embeddings {:.1e}, latents {:.1e}, image {:.1e}", e[0], e[1], e[2]);
+    let e = compare(&format!("{model} {dtype} dpmpp_2m"), &out, &refs(model, "dpmpp_2m"), bounds);
+    eprintln!("{model} {dtype} dpmpp_2m: embeddings {:.1e}, latents {:.1e}, image {:.1e}", e[0], e[1], e[2]);
+    e
+}
+
+#[test]
+fn pipeline_q8_0_weights_stay_close() {
+    quantized_run(DType::Q8_0, Q8_BOUNDS);
+}
+
+#[test]
+fn pipeline_f16_and_q4_0_weights() {
+    // The fixtures' weights are exact in f16, so f16 storage keeps the f32 bound.
+    quantized_run(DType::F16, [F32_BOUND; 3]);
+    quantized_run(DType::Q4_0, Q4_BOUNDS);
+}
+
+#[test]
+fn pipeline_clip_skip_uses_earlier_layer() {
+    let model = MODELS[0];
+    let pipe = load(model, Layout::Folder, DType::F32);
+    let info = &manifest()["pipelines"][model]["cases"]["ddim"];
+    let text = refs(model, "text_encoder");
+    for k in [1usize, 2] {
+        let opts = GenerateOptions { clip_skip: k, steps: 1, ..case_options(&pipe, model, "ddim", info) };
+        let out = block(pipe.generate(gpu(), &opts, &mut |_: &StepProgress<'_>| {})).unwrap();
+        for (name, got) in [
+            ("prompt_embeds", &out.prompt_embeds),
+            ("negative_prompt_embeds", out.negative_prompt_embeds.as_ref().unwrap()),
+        ] {
+            let want = text.read_f32(&format!("{name}_clip_skip_{k}")).unwrap();
+            let e = rel_err(name, got, &want);
+            assert!(e <= F32_BOUND, "clip skip {k} {name}: {e:e}");
+        }
+    }
 }
 
 #[test]
@@ -221,7 +267,7 @@ fn pipeline_seeded_noise_and_bad_options() {
     let y = run(&GenerateOptions { init_latents: Some(noise), seed: 99, ..det.clone() }).unwrap();
     assert_eq!(x.latents, y.latents);
 
-    let err = |o: GenerateOptions| run(&o).err().expect("must fail").to_string();
+    let err = |o: GenerateOptions| run(&o).expect_err("must fail").to_string();
     let e = err(GenerateOptions { width: Some(72), ..opts.clone() });
     assert!(e.contains("width 72") && e.contains("multiple of 16"), "{e}");
     let e = err(GenerateOptions { init_latents: Some(vec![0.0; 10]), ..opts.clone() });
@@ -257,9 +303,34 @@ fn cli_generate_writes_png_and_dump() {
     let latents = f.join(format!("refs/{model}/latents.safetensors"));
     let s = |p: &Path| p.to_str().unwrap().to_string();
     let out = loralab(&[
-        "--model", &s(&single), "--config", &s(&folder), "--prompt", prompt, "--negative", negative,
-        "--seed", "42", "--steps", "4", "--cfg", "7.5", "--sampler", "dpmpp_2m_karras", "--width", "64",
-        "--height", "64", "--weights", "f32", "--init-latents", &s(&latents), "--dump", &s(&dump), "--out", &s(&png),
+        "--model",
+        &s(&single),
+        "--config",
+        &s(&folder),
+        "--prompt",
+        prompt,
+        "--negative",
+        negative,
+        "--seed",
+        "42",
+        "--steps",
+        "4",
+        "--cfg",
+        "7.5",
+        "--sampler",
+        "dpmpp_2m_karras",
+        "--width",
+        "64",
+        "--height",
+        "64",
+        "--weights",
+        "f32",
+        "--init-latents",
+        &s(&latents),
+        "--dump",
+        &s(&dump),
+        "--out",
+        &s(&png),
     ]);
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert!(out.status.success(), "loralab generate failed: {stderr}");
@@ -290,6 +361,38 @@ fn cli_generate_writes_png_and_dump() {
          Size: 64x64, Model: {model}"
     );
     assert_eq!(p.text("parameters"), Some(want.as_str()));
+
+    // A1111's --clip-skip 2 is diffusers' clip_skip 1 (the penultimate layer), recorded as such.
+    let out = loralab(&[
+        "--model",
+        &s(&folder),
+        "--prompt",
+        prompt,
+        "--seed",
+        "3",
+        "--steps",
+        "1",
+        "--sampler",
+        "euler",
+        "--clip-skip",
+        "2",
+        "--dump",
+        &s(&dump),
+        "--out",
+        &s(&png),
+    ]);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let d = SafetensorsFile::open_path(&dump).unwrap();
+    let want = refs(model, "text_encoder").read_f32("prompt_embeds_clip_skip_1").unwrap();
+    let e = rel_err("clip skip", &d.read_f32("prompt_embeds").unwrap(), &want);
+    assert!(e <= F32_BOUND, "--clip-skip 2 prompt_embeds: {e:e}");
+    let p = loralab::io::png::decode(&std::fs::read(&png).unwrap()).unwrap();
+    let text = p.text("parameters").unwrap();
+    assert!(
+        text.ends_with("Sampler: Euler, CFG scale: 7.5, Seed: 3, Size: 64x64, Model: tiny-sd15-a, Clip skip: 2"),
+        "{text}"
+    );
+    assert!(!text.contains("Negative prompt"), "{text}");
     let _ = std::fs::remove_dir_all(&dir);
 }
 
@@ -335,7 +438,8 @@ fn cli_generate_rejects_bad_input() {
         &["--init-latents", "bad-latents.safetensors", "`latents`", "[1, 4, 4, 4]", "[1, 4, 8, 8]"],
     );
     let other = dir.join("no-latents.safetensors");
-    std::fs::write(&other, write_safetensors_f32(&[("noise".into(), vec![1, 4, 8, 8], &[0f32; 256])]).unwrap()).unwrap();
+    std::fs::write(&other, write_safetensors_f32(&[("noise".into(), vec![1, 4, 8, 8], &[0f32; 256])]).unwrap())
+        .unwrap();
     fails(&strs(&with(&s(&folder), &["--init-latents", &s(&other)])), &["`latents` is missing", "noise"]);
     let _ = std::fs::remove_dir_all(&dir);
 }

@@ -78,8 +78,21 @@ fn parse_args(args: &[String]) -> Result<Args, String> {
             continue;
         }
         let known = [
-            "--model", "--prompt", "--negative", "--seed", "--steps", "--cfg", "--sampler", "--width", "--height",
-            "--weights", "--clip-skip", "--config", "--init-latents", "--dump", "--out",
+            "--model",
+            "--prompt",
+            "--negative",
+            "--seed",
+            "--steps",
+            "--cfg",
+            "--sampler",
+            "--width",
+            "--height",
+            "--weights",
+            "--clip-skip",
+            "--config",
+            "--init-latents",
+            "--dump",
+            "--out",
         ];
         if !known.contains(&name) {
             return Err(usage_err(format!("unknown option `{arg}`")));
@@ -129,7 +142,11 @@ fn parse_args(args: &[String]) -> Result<Args, String> {
                     "f16" => DType::F16,
                     "q8_0" => DType::Q8_0,
                     "q4_0" => DType::Q4_0,
-                    _ => return Err(usage_err(format!("`--weights {v}`: unknown weight type (one of f32, f16, q8_0, q4_0)"))),
+                    _ => {
+                        return Err(usage_err(format!(
+                            "`--weights {v}`: unknown weight type (one of f32, f16, q8_0, q4_0)"
+                        )))
+                    }
                 }
             }
             "--clip-skip" => {
@@ -145,7 +162,8 @@ fn parse_args(args: &[String]) -> Result<Args, String> {
             _ => unreachable!("listed above"),
         }
     }
-    a.model = model.ok_or_else(|| usage_err("option `--model PATH` needs a value (a diffusers folder or a .safetensors file)"))?;
+    a.model = model
+        .ok_or_else(|| usage_err("option `--model PATH` needs a value (a diffusers folder or a .safetensors file)"))?;
     a.opts.prompt = prompt.ok_or_else(|| usage_err("option `--prompt TEXT` needs a value"))?;
     a.out = out.ok_or_else(|| usage_err("option `--out IMAGE.png` needs a value"))?;
     a.opts.clip_skip = a.clip_skip - 1;
@@ -263,13 +281,7 @@ pub fn run(args: &[String]) -> Result<ExitCode, String> {
     let t1 = Instant::now();
     let mut last = Instant::now();
     let mut progress = |p: &StepProgress<'_>| {
-        eprintln!(
-            "step {}/{}  t={}  {:.2} s",
-            p.step + 1,
-            p.steps,
-            p.timestep,
-            last.elapsed().as_secs_f64()
-        );
+        eprintln!("step {}/{}  t={}  {:.2} s", p.step + 1, p.steps, p.timestep, last.elapsed().as_secs_f64());
         last = Instant::now();
     };
     let out = pollster::block_on(pipe.generate(&gpu, &a.opts, &mut progress)).map_err(|e| e.to_string())?;
@@ -277,7 +289,8 @@ pub fn run(args: &[String]) -> Result<ExitCode, String> {
 
     let [_, _, h, w] = out.image_shape;
     let text = parameters(&a, w, h);
-    let png = loralab::io::png::encode_rgb8(w, h, &out.to_rgb8(), &[("parameters", &text)]).map_err(|e| e.to_string())?;
+    let png =
+        loralab::io::png::encode_rgb8(w, h, &out.to_rgb8(), &[("parameters", &text)]).map_err(|e| e.to_string())?;
     write_file("--out", &a.out, &png)?;
     eprintln!("wrote {}", a.out.display());
     if let Some(d) = &a.dump {
