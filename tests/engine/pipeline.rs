@@ -428,6 +428,9 @@ fn cli_generate_rejects_bad_input() {
     fails(&strs(&with(&s(&folder), &["--bogus"])), &["unknown option `--bogus`"]);
     fails(&["--model", &s(&folder), "--prompt", "p"], &["--out"]);
     fails(&strs(&with(&s(&folder), &["--width", "72"])), &["--width 72", "multiple of 16"]);
+    // A single file of a non-SD1.5 configuration without --config: the shape error and a hint.
+    let single = s(&f.join("models/tiny-sd15-b.safetensors"));
+    fails(&strs(&base(&single)), &["token_embedding", "[49408, 768]", "--config DIR"]);
 
     // Initial latents of the wrong shape name the file, the tensor and both shapes.
     let bad = dir.join("bad-latents.safetensors");

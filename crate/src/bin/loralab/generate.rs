@@ -11,8 +11,7 @@ use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 use std::time::Instant;
 
-pub const USAGE: &str = "\
-  loralab generate --model PATH --prompt TEXT --out IMAGE.png [options]
+pub const USAGE: &str = "  loralab generate --model PATH --prompt TEXT --out IMAGE.png [options]
                                         text to image; PATH is a diffusers folder or a single
                                         .safetensors checkpoint
       --negative TEXT                   negative prompt (default: none, i.e. \"\")
@@ -261,7 +260,17 @@ pub fn run(args: &[String]) -> Result<ExitCode, String> {
     let ck = open_path(&a.model, a.config.as_deref()).map_err(|e| e.to_string())?;
     let gpu_opts = GpuOptions { disable_f16: a.plain, disable_subgroups: a.plain, ..Default::default() };
     let gpu = pollster::block_on(Gpu::new(gpu_opts)).map_err(|e| e.to_string())?;
-    let pipe = StableDiffusionPipeline::load(&gpu, ck, WeightPlan::new(a.weights)).map_err(|e| e.to_string())?;
+    let single_default = !a.model.is_dir() && a.config.is_none();
+    let pipe = StableDiffusionPipeline::load(&gpu, ck, WeightPlan::new(a.weights)).map_err(|e| {
+        if single_default {
+            format!(
+                "{e}\n(a single-file checkpoint is read with Stable Diffusion 1.5's configuration; for another \
+                 model pass --config DIR, a diffusers folder with its configs and tokenizer)"
+            )
+        } else {
+            e.to_string()
+        }
+    })?;
     eprintln!("loaded {} ({} weights) in {:.2} s", a.model.display(), a.weights, t0.elapsed().as_secs_f64());
 
     let (dw, dh) = pipe.default_size();
