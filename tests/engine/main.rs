@@ -3,6 +3,7 @@
 //! A missing adapter fails these tests; it never skips them.
 
 mod attention;
+mod bench_unet;
 mod checkpoint;
 mod clip;
 mod common;

@@ -17,6 +17,11 @@ Usage:
   loralab bench kernels [--json] [--plain] [--quick] [--iters N] [--warmup N] [--filter TEXT]
                                         GFLOP/s and GB/s of matmul (f32/f16/q8_0/q4_0), conv2d 3x3
                                         and attention at Stable Diffusion 1.5 shapes
+  loralab bench unet [--json] [--plain] [--quick] [--weights f32,f16,q8_0,q4_0] [--steps-timed N]
+                     [--warmup N] [--seed N]
+                                        one SD1.5 UNet step (64x64 latents, batch 2) per weight type
+                                        with random weights: time and peak memory, plus the whole
+                                        512x512 pipeline's peak memory
 {GENERATE}  loralab help                          this text
 
 Options:
@@ -209,10 +214,12 @@ fn run_selftest(args: &[String]) -> Result<ExitCode, String> {
 fn run_bench(args: &[String]) -> Result<ExitCode, String> {
     let (what, rest) = match args.split_first() {
         Some((w, r)) if !w.starts_with("--") => (w.as_str(), r),
-        _ => return Err("`loralab bench` needs a suite: `loralab bench kernels`".to_string()),
+        _ => return Err("`loralab bench` needs a suite: `loralab bench kernels` or `loralab bench unet`".to_string()),
     };
-    if what != "kernels" {
-        return Err(format!("`loralab bench {what}`: unknown suite (available: kernels)"));
+    match what {
+        "kernels" => {}
+        "unet" => return run_bench_unet(rest),
+        _ => return Err(format!("`loralab bench {what}`: unknown suite (available: kernels, unet)")),
     }
     let mut flags = Flags::default();
     let mut opts = loralab::bench::BenchOptions::default();
@@ -250,6 +257,56 @@ fn run_bench(args: &[String]) -> Result<ExitCode, String> {
         out(&(json(&report)? + "\n"));
     } else {
         out(&loralab::bench::format_table(&report));
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+fn run_bench_unet(args: &[String]) -> Result<ExitCode, String> {
+    use loralab::bench::unet;
+    let mut flags = Flags::default();
+    let mut opts = unet::UnetBenchOptions::default();
+    let mut it = args.iter();
+    let count = |name: &str, v: &str, min: usize| {
+        v.parse::<usize>().ok().filter(|n| *n >= min).ok_or_else(|| {
+            format!("`loralab bench unet`: `{name} {v}`: expected a whole number of at least {min}")
+        })
+    };
+    while let Some(a) = it.next() {
+        let mut value = |name: &str| {
+            it.next().cloned().ok_or_else(|| format!("`loralab bench unet`: option `{name}` needs a value"))
+        };
+        match a.as_str() {
+            "--json" => flags.json = true,
+            "--plain" => flags.plain = true,
+            "--quick" => opts.quick = true,
+            "--steps-timed" => opts.steps_timed = count("--steps-timed", &value("--steps-timed")?, 1)?,
+            "--warmup" => opts.warmup = count("--warmup", &value("--warmup")?, 0)?,
+            "--seed" => {
+                let v = value("--seed")?;
+                opts.seed = v.parse().map_err(|_| format!("`loralab bench unet`: `--seed {v}`: expected a whole number"))?;
+            }
+            "--weights" => {
+                let v = value("--weights")?;
+                opts.weights = v
+                    .split(',')
+                    .map(|w| {
+                        loralab::DType::parse(w.trim()).ok_or_else(|| {
+                            format!("`loralab bench unet`: `--weights {v}`: unknown weight type `{w}`; expected a comma-separated list of f32, f16, q8_0, q4_0")
+                        })
+                    })
+                    .collect::<Result<_, _>>()?;
+            }
+            other => return Err(format!("`loralab bench unet`: unknown option `{other}`")),
+        }
+    }
+    let gpu = open(&flags)?;
+    let t0 = std::time::Instant::now();
+    let clock = move || t0.elapsed().as_secs_f64() * 1e3;
+    let report = pollster::block_on(unet::run_unet(&gpu, &opts, &clock)).map_err(|e| e.to_string())?;
+    if flags.json {
+        out(&(json(&report)? + "\n"));
+    } else {
+        out(&unet::format_unet_table(&report));
     }
     Ok(ExitCode::SUCCESS)
 }

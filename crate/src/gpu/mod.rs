@@ -104,6 +104,11 @@ impl Gpu {
         self.pool.stats()
     }
 
+    /// Restarts `memory().peak_live_bytes` from the bytes live now.
+    pub fn reset_peak_memory(&self) {
+        self.pool.reset_peak();
+    }
+
     /// Number of compiled pipelines.
     pub fn pipeline_count(&self) -> usize {
         self.pipelines.len()

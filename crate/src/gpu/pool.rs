@@ -40,7 +40,7 @@ pub struct PoolStats {
 pub struct Pool {
     device: wgpu::Device,
     inner: Mutex<Inner>,
-    /// Free buffers beyond this many bytes are destroyed instead of kept.
+    /// Free buffers beyond this many bytes are released instead of kept.
     keep_bytes: u64,
 }
 
@@ -83,19 +83,24 @@ impl Pool {
             inner.free_bytes += class;
             inner.free.entry(class).or_default().push(buffer);
         } else {
-            buffer.destroy();
+            // Dropped, not destroyed: commands recorded but not yet submitted may still use
+            // it, and wgpu frees it once they no longer need it.
+            drop(buffer);
         }
     }
 
-    /// Destroys every buffer kept for reuse.
+    /// Releases every buffer kept for reuse (dropped, not destroyed: pending commands may
+    /// still use them).
     pub fn trim(&self) {
         let mut inner = self.lock();
-        for (_, v) in inner.free.drain() {
-            for b in v {
-                b.destroy();
-            }
-        }
+        inner.free.clear();
         inner.free_bytes = 0;
+    }
+
+    /// Restarts peak tracking from the bytes live now (for measuring one phase's peak).
+    pub fn reset_peak(&self) {
+        let mut inner = self.lock();
+        inner.peak_live_bytes = inner.live_bytes;
     }
 
     pub fn stats(&self) -> PoolStats {

@@ -9,10 +9,12 @@ pub mod unet;
 pub mod unet_blocks;
 pub mod checkpoint;
 pub mod config;
+pub mod random_weights;
 pub mod tokenizer;
 pub mod vae;
 pub mod vae_blocks;
 pub mod weights;
 
 pub use tokenizer::ClipTokenizer;
+pub use random_weights::RandomWeights;
 pub use weights::{SafetensorsSource, WeightPolicy, WeightSource};

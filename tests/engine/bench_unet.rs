@@ -1,0 +1,49 @@
+//! `loralab bench unet` smoke run: the quick configuration with random weights through the
+//! library function (no timing assertions), plus the memory accounting the report relies on.
+
+use super::common::block;
+use loralab::bench::unet::{format_unet_table, measure_staged, run_unet, BenchShapes, UnetBenchOptions};
+use loralab::{DType, Gpu, GpuOptions};
+
+/// A device of its own: the pool's peak counters must not see other tests' tensors.
+fn own_gpu() -> Gpu {
+    // SAFETY: called before this test's device exists; no environment is read concurrently.
+    unsafe { loralab::gpu::ensure_xdg_runtime_dir() };
+    block(Gpu::new(GpuOptions::default())).expect("GPU tests need an adapter")
+}
+
+#[test]
+fn quick_unet_bench_reports_every_weight_type() {
+    let gpu = own_gpu();
+    let opts = UnetBenchOptions { weights: DType::ALL.to_vec(), warmup: 0, steps_timed: 1, quick: true, seed: 1 };
+    let t0 = std::time::Instant::now();
+    let clock = move || t0.elapsed().as_secs_f64() * 1e3;
+    let r = block(run_unet(&gpu, &opts, &clock)).unwrap();
+    assert_eq!(r.cases.len(), 4);
+    assert_eq!(r.goal_met_all_loaded, None, "the goal is judged on full-size runs only");
+    for c in &r.cases {
+        let p = &c.pipeline;
+        assert!(c.step_ms_median > 0.0 && c.unet_params > 0, "{c:?}");
+        assert_eq!(p.unet_weight_bytes, c.unet_weight_bytes);
+        assert!(p.text_encoder_weight_bytes > 0 && p.vae_decoder_weight_bytes > 0 && p.step_peak_bytes > 0, "{p:?}");
+        // Everything resident at once holds at least the three components' weights.
+        let weights = p.text_encoder_weight_bytes + p.unet_weight_bytes + p.vae_decoder_weight_bytes;
+        assert!(p.all_loaded_peak_bytes > weights, "{p:?}");
+        assert!(p.staged_peak_bytes <= p.all_loaded_peak_bytes, "{p:?}");
+    }
+    // Smaller weight types hold fewer bytes.
+    let w: Vec<u64> = r.cases.iter().map(|c| c.unet_weight_bytes).collect();
+    assert!(w[0] > w[1] && w[1] > w[2] && w[2] > w[3], "{w:?}");
+    let table = format_unet_table(&r);
+    assert!(table.contains("q4_0") && table.contains("1.2 GB"), "{table}");
+    assert!(serde_json::to_string(&r).unwrap().contains("all_loaded_peak_bytes"));
+    // Nothing is left live after the run.
+    assert_eq!(gpu.memory().live_bytes, 0);
+
+    // The staged figure, computed from the measured parts, is what running that order measures.
+    for (i, dt) in [DType::F32, DType::Q4_0].into_iter().enumerate() {
+        let measured = block(measure_staged(&gpu, &BenchShapes::quick(), dt, 1)).unwrap();
+        let case = &r.cases[if i == 0 { 0 } else { 3 }];
+        assert_eq!(measured, case.pipeline.staged_peak_bytes, "{dt}");
+    }
+}
