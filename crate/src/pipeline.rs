@@ -26,14 +26,17 @@
 //! layer of the UNet and the text encoder take the chosen type (f32, f16, q8_0, q4_0); the VAE's
 //! matrices take it too for f32 and f16, and f16 for the quantized types (the decoder is small
 //! and its errors land directly in the pixels). Norm parameters, biases, the token and position
-//! embeddings and the time-embedding inputs stay f32 everywhere.
+//! embeddings and the time-embedding inputs stay f32 everywhere, except the token embedding
+//! table when its f32 form would exceed the adapter's largest storage binding (SD1.5's is
+//! 152 MB, over the 128 MiB of lavapipe and browsers): it is then stored f16
+//! ([`token_table_dtype`]).
 
 use crate::error::{Error, Result};
 use crate::gpu::Gpu;
 use crate::io::RangeRead;
 use crate::model::checkpoint::Checkpoint;
 use crate::model::clip::{ClipTextModel, EncodeOpts};
-use crate::model::config::SampleSize;
+use crate::model::config::{ClipTextConfig, SampleSize};
 use crate::model::tokenizer::ClipTokenizer;
 use crate::model::unet::UNet2DConditionModel;
 use crate::model::vae::{to_image_01, AutoencoderKL, VaeParts};
@@ -65,6 +68,18 @@ impl WeightPlan {
             text_encoder: WeightPolicy::new(matrices),
             vae: WeightPolicy::new(vae),
         }
+    }
+}
+
+/// Storage of the text encoder's token embedding table: f32 when its `vocab_size × hidden_size`
+/// f32 values fit in one storage binding of `max_binding_bytes`
+/// (`gpu.caps().max_storage_buffer_binding_size`), f16 otherwise.
+pub fn token_table_dtype(config: &ClipTextConfig, max_binding_bytes: u64) -> DType {
+    let f32_bytes = (config.vocab_size as u64) * (config.hidden_size as u64) * 4;
+    if f32_bytes <= max_binding_bytes {
+        DType::F32
+    } else {
+        DType::F16
     }
 }
 
@@ -174,7 +189,9 @@ impl StableDiffusionPipeline {
     /// tensor by tensor from the checkpoint's files).
     pub fn load<R: RangeRead>(gpu: &Gpu, ck: Checkpoint<R>, plan: WeightPlan) -> Result<Self> {
         let scheduler = ck.config.scheduler.clone();
-        let text_encoder = ClipTextModel::load(gpu, &ck.config.text_encoder, &ck.text_encoder, plan.text_encoder)?;
+        let te_config = &ck.config.text_encoder;
+        let table = token_table_dtype(te_config, gpu.caps().max_storage_buffer_binding_size);
+        let text_encoder = ClipTextModel::load_with_table(gpu, te_config, &ck.text_encoder, plan.text_encoder, table)?;
         let unet = UNet2DConditionModel::load(gpu, &ck.config.unet, &ck.unet, plan.unet)?;
         let vae = AutoencoderKL::load(gpu, &ck.config.vae, &ck.vae, plan.vae, VaeParts::DecoderOnly)?;
         let d = text_encoder.config().hidden_size;
@@ -399,4 +416,24 @@ pub fn write_safetensors_f32(tensors: &[(String, Vec<usize>, &[f32])]) -> Result
         })
         .collect::<Result<Vec<_>>>()?;
     safetensors::serialize(views, None).map_err(|e| invalid(format!("writing safetensors: {e}")))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::token_table_dtype;
+    use crate::model::config::ClipTextConfig;
+    use crate::quant::DType;
+
+    #[test]
+    fn token_table_goes_f16_only_when_f32_exceeds_the_binding_limit() {
+        let sd15 = ClipTextConfig::sd15(); // 49408 × 768 × 4 = 151,781,376 bytes
+        let f32_bytes = (sd15.vocab_size * sd15.hidden_size * 4) as u64;
+        assert_eq!(f32_bytes, 151_781_376);
+        assert_eq!(token_table_dtype(&sd15, 128 << 20), DType::F16); // lavapipe, browsers
+        assert_eq!(token_table_dtype(&sd15, 2 << 30), DType::F32); // desktop Vulkan
+        assert_eq!(token_table_dtype(&sd15, f32_bytes), DType::F32); // exactly fits
+        assert_eq!(token_table_dtype(&sd15, f32_bytes - 1), DType::F16);
+        let tiny = ClipTextConfig { vocab_size: 1000, hidden_size: 32, ..ClipTextConfig::sd15() };
+        assert_eq!(token_table_dtype(&tiny, 128 << 20), DType::F32);
+    }
 }

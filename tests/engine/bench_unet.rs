@@ -2,7 +2,9 @@
 //! library function (no timing assertions), plus the memory accounting the report relies on.
 
 use super::common::block;
-use loralab::bench::unet::{format_unet_table, measure_staged, run_unet, BenchShapes, UnetBenchOptions};
+use loralab::bench::unet::{
+    format_unet_table, measure_decode, measure_staged, run_unet, BenchShapes, UnetBenchOptions,
+};
 use loralab::{DType, Gpu, GpuOptions};
 
 /// A device of its own: the pool's peak counters must not see other tests' tensors.
@@ -46,4 +48,46 @@ fn quick_unet_bench_reports_every_weight_type() {
         let case = &r.cases[if i == 0 { 0 } else { 3 }];
         assert_eq!(measured, case.pipeline.staged_peak_bytes, "{dt}");
     }
+}
+
+/// The decode measured alone agrees with the whole-pipeline run's decode phase.
+#[test]
+fn quick_decode_measured_alone_matches_the_pipeline_phase() {
+    let gpu = own_gpu();
+    let s = BenchShapes::quick();
+    let opts = UnetBenchOptions { weights: vec![DType::Q4_0], warmup: 0, steps_timed: 1, quick: true, seed: 1 };
+    let t0 = std::time::Instant::now();
+    let clock = move || t0.elapsed().as_secs_f64() * 1e3;
+    let r = block(run_unet(&gpu, &opts, &clock)).unwrap();
+    let p = &r.cases[0].pipeline;
+    for read_back in [true, false] {
+        let d = block(measure_decode(&gpu, &s, DType::Q4_0, 1, read_back)).unwrap();
+        assert_eq!(d.vae_decoder_weight_bytes, p.vae_decoder_weight_bytes);
+        assert_eq!(d.decode_peak_bytes, p.decode_peak_bytes, "read_back {read_back}");
+    }
+    block(gpu.sync()).unwrap();
+    assert_eq!(gpu.memory().live_bytes, 0);
+}
+
+/// SD1.5 VAE decode peak (q4_0 plan: f16 decoder matrices) at 256×256 and, where the adapter's
+/// storage-binding limit allows its 256 MiB activations, 512×512, recorded without waiting for
+/// the GPU: `cargo test -p loralab --test engine sd15_decode_peak -- --ignored --nocapture`.
+#[test]
+#[ignore]
+fn sd15_decode_peak() {
+    let gpu = own_gpu();
+    for side in [32usize, 64] {
+        let s = BenchShapes { latents: [2, 4, side, side], ..BenchShapes::sd15() };
+        match block(measure_decode(&gpu, &s, DType::Q4_0, 0, false)) {
+            Ok(d) => println!(
+                "SD1.5 {0}x{0} VAE decode (q4_0 plan): decoder weights {1} bytes, decode peak {2} bytes",
+                side * 8,
+                d.vae_decoder_weight_bytes,
+                d.decode_peak_bytes
+            ),
+            Err(e) => println!("SD1.5 {0}x{0} VAE decode: {e}", side * 8),
+        }
+    }
+    // Exit without waiting for the recorded work.
+    std::mem::forget(gpu);
 }

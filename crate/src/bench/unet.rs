@@ -227,12 +227,7 @@ fn src(seed: u64, what: &str) -> RandomWeights {
 /// table exceeds the adapter's storage binding limit (SD1.5's is 152 MB, over lavapipe's and
 /// browsers' 128 MiB).
 pub fn token_table_dtype(gpu: &Gpu, c: &ClipTextConfig) -> DType {
-    let f32_bytes = (c.vocab_size * c.hidden_size * 4) as u64;
-    if f32_bytes <= gpu.caps().max_storage_buffer_binding_size {
-        DType::F32
-    } else {
-        DType::F16
-    }
+    crate::pipeline::token_table_dtype(c, gpu.caps().max_storage_buffer_binding_size)
 }
 
 fn load_te(gpu: &Gpu, s: &BenchShapes, plan: WeightPlan, seed: u64) -> Result<ClipTextModel> {
@@ -398,6 +393,45 @@ pub async fn measure_staged(gpu: &Gpu, s: &BenchShapes, dt: DType, seed: u64) ->
     gpu.sync().await?;
     gpu.trim();
     Ok(peak)
+}
+
+/// One VAE decode measured alone.
+#[derive(Clone, Copy, Debug, serde::Serialize)]
+pub struct DecodeMemory {
+    /// The decoder's weights (`WeightPlan::new(type).vae`).
+    pub vae_decoder_weight_bytes: u64,
+    /// Peak of the decode above what was live when it began (the decoder's weights excluded,
+    /// the uploaded latents included, as in [`PipelineMemory::decode_peak_bytes`]).
+    pub decode_peak_bytes: u64,
+}
+
+/// Loads the VAE decoder of `s` for weight type `dt` and decodes one `[1, C, h, w]` latent as
+/// [`run_unet`] does, measuring only that phase. With `read_back` off the decode is recorded
+/// and submitted but its image is not awaited: the pool counts bytes when tensors are
+/// allocated and freed, not when the GPU runs, so the figure is the same, and a full-size
+/// decode can be measured on a slow software adapter (the caller then must not wait for the
+/// device before exiting if it wants to skip the work).
+pub async fn measure_decode(gpu: &Gpu, s: &BenchShapes, dt: DType, seed: u64, read_back: bool) -> Result<DecodeMemory> {
+    let plan = WeightPlan::new(dt);
+    gpu.sync().await?;
+    gpu.trim();
+    let base = live(gpu);
+    let vae = load_vae(gpu, s, plan, seed)?;
+    let vae_bytes = live(gpu) - base;
+    let latents = Rng::new(seed).normal_vec(s.latents.iter().product());
+    let [_, c, h, w] = s.latents;
+    let b = live(gpu);
+    gpu.reset_peak_memory();
+    let z = Tensor::from_f32(gpu, &[1, c, h, w], &latents[..c * h * w])?;
+    let image = vae.decode(gpu, &z)?;
+    let decode_peak = peak_above(gpu, b);
+    if read_back {
+        check_finite("the VAE decoder", &image.to_f32(gpu).await?)?;
+    } else {
+        gpu.flush();
+    }
+    drop((image, z, vae));
+    Ok(DecodeMemory { vae_decoder_weight_bytes: vae_bytes, decode_peak_bytes: decode_peak })
 }
 
 /// Runs every weight type of `opts`; `clock` returns milliseconds.

@@ -78,8 +78,17 @@ impl ResnetBlock2D {
     /// resnet, so the caller applies the activation once; `None` exactly when the block has
     /// no time embedding); returns `[B, Cout, H, W]`.
     pub fn forward(&self, gpu: &Gpu, x: &Tensor, temb_act: Option<&Tensor>) -> Result<Tensor> {
-        let h = self.norm1.forward(gpu, x, true)?;
-        let mut h = self.conv1.forward(gpu, &h)?;
+        self.forward_owned(gpu, x.clone(), temb_act)
+    }
+
+    /// [`forward`](Self::forward) taking the input by value: every intermediate, and the input
+    /// once the shortcut has used it, is released as soon as it is dead, so a caller handing
+    /// over its last reference keeps at most input + normalised input + one output-sized
+    /// tensor alive.
+    pub fn forward_owned(&self, gpu: &Gpu, x: Tensor, temb_act: Option<&Tensor>) -> Result<Tensor> {
+        let n = self.norm1.forward(gpu, &x, true)?;
+        let mut h = self.conv1.forward(gpu, &n)?;
+        drop(n);
         match (&self.time_emb_proj, temb_act) {
             (Some(proj), Some(temb)) => {
                 let t = proj.forward(gpu, temb)?;
@@ -103,11 +112,13 @@ impl ResnetBlock2D {
                 ))
             }
         }
-        let h = self.norm2.forward(gpu, &h, true)?;
-        let h = self.conv2.forward(gpu, &h)?;
+        let n = self.norm2.forward(gpu, &h, true)?;
+        drop(h);
+        let h = self.conv2.forward(gpu, &n)?;
+        drop(n);
         let short = match &self.conv_shortcut {
-            Some(conv) => conv.forward(gpu, x)?,
-            None => x.clone(),
+            Some(conv) => conv.forward(gpu, &x)?,
+            None => x,
         };
         if self.output_scale_factor == 1.0 {
             add(gpu, &short, &h)
@@ -171,7 +182,13 @@ impl Upsample2D {
     }
 
     pub fn forward(&self, gpu: &Gpu, x: &Tensor) -> Result<Tensor> {
-        let up = upsample_nearest2x(gpu, x)?;
+        self.forward_owned(gpu, x.clone())
+    }
+
+    /// [`forward`](Self::forward) taking the input by value, released once upsampled.
+    pub fn forward_owned(&self, gpu: &Gpu, x: Tensor) -> Result<Tensor> {
+        let up = upsample_nearest2x(gpu, &x)?;
+        drop(x);
         self.conv.forward(gpu, &up)
     }
 }

@@ -82,6 +82,7 @@ impl Attention {
         let k = self.to_k.forward(gpu, ctx)?;
         let v = self.to_v.forward(gpu, ctx)?;
         let o = scaled_dot_product_attention(gpu, &q, &k, &v, self.heads, self.causal)?;
+        drop((q, k, v));
         self.to_out.forward(gpu, &o)
     }
 }
@@ -122,8 +123,9 @@ impl FeedForward {
 
     pub fn forward(&self, gpu: &Gpu, x: &Tensor) -> Result<Tensor> {
         let h = self.proj.forward(gpu, x)?;
-        let h = geglu(gpu, &h)?;
-        self.out.forward(gpu, &h)
+        let g = geglu(gpu, &h)?;
+        drop(h);
+        self.out.forward(gpu, &g)
     }
 }
 
@@ -195,14 +197,20 @@ impl BasicTransformerBlock {
 
     /// `x: [B, N, dim]`, `context: [B, M, cross_attention_dim]`.
     pub fn forward(&self, gpu: &Gpu, x: &Tensor, context: &Tensor) -> Result<Tensor> {
+        // Each intermediate is released as soon as it is dead.
         let n = self.norm1.forward(gpu, x)?;
         let a = self.attn1.forward(gpu, &n, self.only_cross_attention.then_some(context))?;
+        drop(n);
         let x = add(gpu, x, &a)?;
+        drop(a);
         let n = self.norm2.forward(gpu, &x)?;
         let a = self.attn2.forward(gpu, &n, Some(context))?;
+        drop(n);
         let x = add(gpu, &x, &a)?;
+        drop(a);
         let n = self.norm3.forward(gpu, &x)?;
         let f = self.ff.forward(gpu, &n)?;
+        drop(n);
         add(gpu, &x, &f)
     }
 }
@@ -262,15 +270,19 @@ impl Transformer2DModel {
             ));
         }
         let (b, c, hw) = (s[0], s[1], s[2] * s[3]);
-        let h = self.norm.forward(gpu, x, false)?;
-        let h = transpose_last2(gpu, &h.reshape(&[b, c, hw])?)?; // [B, HW, C]
-        let mut h = self.proj_in.forward(gpu, &h)?;
+        let n = self.norm.forward(gpu, x, false)?;
+        let t = transpose_last2(gpu, &n.reshape(&[b, c, hw])?)?; // [B, HW, C]
+        drop(n);
+        let mut h = self.proj_in.forward(gpu, &t)?;
+        drop(t);
         for block in &self.blocks {
             h = block.forward(gpu, &h, context)?;
         }
-        let h = self.proj_out.forward(gpu, &h)?; // [B, HW, C]
-        let h = transpose_last2(gpu, &h)?.reshape(s)?;
-        add(gpu, &h, x)
+        let p = self.proj_out.forward(gpu, &h)?; // [B, HW, C]
+        drop(h);
+        let o = transpose_last2(gpu, &p)?.reshape(s)?;
+        drop(p);
+        add(gpu, &o, x)
     }
 }
 
@@ -288,8 +300,12 @@ pub fn single_head_attention(gpu: &Gpu, q: &Tensor, k: &Tensor, v: &Tensor, scal
     }
 }
 
-/// The largest score block [`single_head_attention`] materialises at once.
-pub const MAX_SCORE_BYTES: u64 = 256 << 20;
+/// The largest score block [`single_head_attention`] materialises at once: 16 MiB, a quarter
+/// of the `[4096, 4096]` scores of SD's VAE mid block at 512×512, so the attention's working
+/// set (score block + probabilities) stays far below the decoder's resnet activations.
+/// Chunking over queries does not change the result: every score row and output row is
+/// computed the same way whatever the chunk.
+pub const MAX_SCORE_BYTES: u64 = 16 << 20;
 
 /// Exact single-head attention from `ops::matmul` and `ops::norm::softmax`, for any head size:
 /// per chunk of queries, `S = q_c·kᵀ` (`[B, rows, Nk]`), `P = softmax(scale·S)`, `O_c = P·v`.
@@ -321,6 +337,7 @@ pub fn attention_by_matmul(
     let block = |qc: &Tensor| -> Result<Tensor> {
         let s = matmul(gpu, qc, k, MatmulOpts { trans_b: true, bias: None, alpha: 1.0 })?;
         let p = softmax(gpu, &s, scale)?;
+        drop(s);
         matmul(gpu, &p, v, MatmulOpts::default())
     };
     if rows == nq {

@@ -65,11 +65,12 @@ impl Encoder {
     pub fn forward(&self, gpu: &Gpu, x: &Tensor) -> Result<Tensor> {
         let mut h = self.conv_in.forward(gpu, x)?;
         for b in &self.down {
-            h = b.forward(gpu, &h)?;
+            h = b.forward_owned(gpu, h)?;
         }
-        let h = self.mid.forward(gpu, &h)?;
-        let h = self.norm_out.forward(gpu, &h, true)?;
-        self.conv_out.forward(gpu, &h)
+        let h = self.mid.forward_owned(gpu, h)?;
+        let n = self.norm_out.forward(gpu, &h, true)?;
+        drop(h);
+        self.conv_out.forward(gpu, &n)
     }
 }
 
@@ -106,14 +107,17 @@ impl Decoder {
         })
     }
 
+    /// Every activation is released as soon as it is dead (blocks take their input by value),
+    /// so the peak is the largest resnet's input + normalised input + output.
     pub fn forward(&self, gpu: &Gpu, z: &Tensor) -> Result<Tensor> {
         let h = self.conv_in.forward(gpu, z)?;
-        let mut h = self.mid.forward(gpu, &h)?;
+        let mut h = self.mid.forward_owned(gpu, h)?;
         for b in &self.up {
-            h = b.forward(gpu, &h)?;
+            h = b.forward_owned(gpu, h)?;
         }
-        let h = self.norm_out.forward(gpu, &h, true)?;
-        self.conv_out.forward(gpu, &h)
+        let n = self.norm_out.forward(gpu, &h, true)?;
+        drop(h);
+        self.conv_out.forward(gpu, &n)
     }
 }
 
@@ -257,15 +261,19 @@ impl AutoencoderKL {
             Some(s) if s != 0.0 => unary(gpu, &z, Unary::AddScalar(s as f32))?,
             _ => z,
         };
-        self.decode_unscaled(gpu, &z)
+        self.decode_unscaled_owned(gpu, z)
     }
 
     /// diffusers' `vae.decode(z)`: `z` already divided by `scaling_factor`.
     pub fn decode_unscaled(&self, gpu: &Gpu, z: &Tensor) -> Result<Tensor> {
-        self.check_nchw("vae decode", z, self.config.latent_channels)?;
+        self.decode_unscaled_owned(gpu, z.clone())
+    }
+
+    fn decode_unscaled_owned(&self, gpu: &Gpu, z: Tensor) -> Result<Tensor> {
+        self.check_nchw("vae decode", &z, self.config.latent_channels)?;
         let z = match &self.post_quant_conv {
-            Some(c) => c.forward(gpu, z)?,
-            None => z.clone(),
+            Some(c) => c.forward(gpu, &z)?,
+            None => z,
         };
         self.decoder.forward(gpu, &z)
     }

@@ -113,15 +113,21 @@ impl ResampleBlock {
     }
 
     pub fn forward(&self, gpu: &Gpu, x: &Tensor) -> Result<Tensor> {
-        let mut h = x.clone();
+        self.forward_owned(gpu, x.clone())
+    }
+
+    /// [`forward`](Self::forward) taking the input by value: each layer's input is released
+    /// as soon as that layer no longer needs it.
+    pub fn forward_owned(&self, gpu: &Gpu, x: Tensor) -> Result<Tensor> {
+        let mut h = x;
         for r in &self.resnets {
-            h = r.forward(gpu, &h, None)?;
+            h = r.forward_owned(gpu, h, None)?;
         }
         if let Some(d) = &self.down {
             h = d.forward(gpu, &h)?;
         }
         if let Some(u) = &self.up {
-            h = u.forward(gpu, &h)?;
+            h = u.forward_owned(gpu, h)?;
         }
         Ok(h)
     }
@@ -165,10 +171,14 @@ impl SpatialAttention {
         let s = x.shape().to_vec();
         let (b, c, n) = (s[0], s[1], s[2] * s[3]);
         let h = self.norm.forward(gpu, x, false)?;
-        let h = transpose_last2(gpu, &h.reshape(&[b, c, n])?)?; // [B, N, C]
-        let o = self.attention.forward(gpu, &h, None)?;
-        let o = transpose_last2(gpu, &o)?.reshape(&s)?; // [B, C, H, W]
-        let y = add(gpu, &o, x)?;
+        let t = transpose_last2(gpu, &h.reshape(&[b, c, n])?)?; // [B, N, C]
+        drop(h);
+        let o = self.attention.forward(gpu, &t, None)?;
+        drop(t);
+        let ot = transpose_last2(gpu, &o)?.reshape(&s)?; // [B, C, H, W]
+        drop(o);
+        let y = add(gpu, &ot, x)?;
+        drop(ot);
         if self.rescale_output_factor == 1.0 {
             Ok(y)
         } else {
@@ -207,10 +217,15 @@ impl MidBlock {
     }
 
     pub fn forward(&self, gpu: &Gpu, x: &Tensor) -> Result<Tensor> {
-        let mut h = self.resnet0.forward(gpu, x, None)?;
+        self.forward_owned(gpu, x.clone())
+    }
+
+    /// [`forward`](Self::forward) taking the input by value (released after the first resnet).
+    pub fn forward_owned(&self, gpu: &Gpu, x: Tensor) -> Result<Tensor> {
+        let mut h = self.resnet0.forward_owned(gpu, x, None)?;
         if let Some(a) = &self.attention {
             h = a.forward(gpu, &h)?;
         }
-        self.resnet1.forward(gpu, &h, None)
+        self.resnet1.forward_owned(gpu, h, None)
     }
 }
