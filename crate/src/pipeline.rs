@@ -40,7 +40,7 @@ use crate::model::config::{ClipTextConfig, SampleSize};
 use crate::model::tokenizer::ClipTokenizer;
 use crate::model::unet::UNet2DConditionModel;
 use crate::model::vae::{to_image_01, AutoencoderKL, VaeParts};
-use crate::model::weights::WeightPolicy;
+use crate::model::weights::{WeightPolicy, WeightSource};
 use crate::quant::DType;
 use crate::rng::Rng;
 use crate::sampler::guidance::{guidance_embedding, Guidance};
@@ -166,11 +166,35 @@ pub struct GenerateOutput {
     pub timesteps: Vec<f32>,
 }
 
+/// How a [`StableDiffusionPipeline`] holds its components between uses.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct PipelineOptions {
+    /// Release the text encoder's weights as soon as the prompts are encoded (and the pool's
+    /// spare buffers with them), and load them again from the checkpoint at the next encoding:
+    /// the UNet loop and the VAE decode then run without the text encoder resident, at the cost
+    /// of re-reading its weights on every generation. Results are the same either way.
+    pub free_text_encoder_after_encoding: bool,
+}
+
+impl PipelineOptions {
+    /// The lowest peak memory this pipeline offers (the text encoder freed after encoding).
+    pub fn low_memory() -> Self {
+        Self { free_text_encoder_after_encoding: true }
+    }
+}
+
 /// diffusers' `StableDiffusionPipeline`: tokenizer, text encoder, UNet, VAE decoder and the
 /// model's scheduler config, with weights on the GPU.
 pub struct StableDiffusionPipeline {
     tokenizer: ClipTokenizer,
-    text_encoder: ClipTextModel,
+    /// Resident, or `None` between generations under
+    /// [`PipelineOptions::free_text_encoder_after_encoding`].
+    text_encoder: std::sync::Mutex<Option<ClipTextModel>>,
+    text_encoder_config: ClipTextConfig,
+    token_table: DType,
+    /// Where the text encoder reloads from when it is freed after encoding.
+    text_encoder_source: Option<Box<dyn WeightSource>>,
+    options: PipelineOptions,
     unet: UNet2DConditionModel,
     vae: AutoencoderKL,
     scheduler: SamplerConfig,
@@ -188,6 +212,40 @@ impl StableDiffusionPipeline {
     /// Loads every component of `ck` (consumed: the pipeline keeps its tokenizer) to the GPU with the storage `plan` (weights stream
     /// tensor by tensor from the checkpoint's files).
     pub fn load<R: RangeRead>(gpu: &Gpu, ck: Checkpoint<R>, plan: WeightPlan) -> Result<Self> {
+        Self::load_parts(gpu, ck, plan).map(|(pipe, _)| pipe)
+    }
+
+    /// [`load`](Self::load) with `options`; with
+    /// [`PipelineOptions::free_text_encoder_after_encoding`] the pipeline keeps the checkpoint's
+    /// text-encoder weights to reload them from.
+    pub fn load_with_options<R: RangeRead + 'static>(
+        gpu: &Gpu,
+        ck: Checkpoint<R>,
+        plan: WeightPlan,
+        options: PipelineOptions,
+    ) -> Result<Self> {
+        let (mut pipe, source) = Self::load_parts(gpu, ck, plan)?;
+        pipe.options = options;
+        if options.free_text_encoder_after_encoding {
+            pipe.text_encoder_source = Some(Box::new(source));
+        }
+        Ok(pipe)
+    }
+
+    pub fn options(&self) -> PipelineOptions {
+        self.options
+    }
+
+    /// Whether the text encoder's weights are on the GPU now.
+    pub fn text_encoder_resident(&self) -> bool {
+        self.text_encoder.lock().unwrap_or_else(|p| p.into_inner()).is_some()
+    }
+
+    fn load_parts<R: RangeRead>(
+        gpu: &Gpu,
+        ck: Checkpoint<R>,
+        plan: WeightPlan,
+    ) -> Result<(Self, crate::model::checkpoint::ComponentWeights<R>)> {
         let scheduler = ck.config.scheduler.clone();
         let te_config = &ck.config.text_encoder;
         let table = token_table_dtype(te_config, gpu.caps().max_storage_buffer_binding_size);
@@ -214,7 +272,20 @@ impl StableDiffusionPipeline {
             Some(SampleSize::HeightWidth([h, w])) => (w * f, h * f),
             None => (64 * f, 64 * f),
         };
-        Ok(StableDiffusionPipeline { tokenizer: ck.tokenizer, text_encoder, unet, vae, scheduler, plan, default_size })
+        let pipe = StableDiffusionPipeline {
+            tokenizer: ck.tokenizer,
+            text_encoder: std::sync::Mutex::new(Some(text_encoder)),
+            text_encoder_config: ck.config.text_encoder.clone(),
+            token_table: table,
+            text_encoder_source: None,
+            options: PipelineOptions::default(),
+            unet,
+            vae,
+            scheduler,
+            plan,
+            default_size,
+        };
+        Ok((pipe, ck.text_encoder))
     }
 
     pub fn weight_plan(&self) -> WeightPlan {
@@ -260,7 +331,22 @@ impl StableDiffusionPipeline {
     pub async fn encode_prompts(&self, gpu: &Gpu, texts: &[&str], clip_skip: usize) -> Result<Vec<Vec<f32>>> {
         let ids: Vec<Vec<u32>> = texts.iter().map(|t| self.tokenizer.encode_padded(t)).collect();
         let rows: Vec<&[u32]> = ids.iter().map(Vec::as_slice).collect();
-        let e = self.text_encoder.encode(gpu, &rows, EncodeOpts::clip_skip(clip_skip))?;
+        let e = {
+            let mut slot = self.text_encoder.lock().unwrap_or_else(|p| p.into_inner());
+            if slot.is_none() {
+                let src = self.text_encoder_source.as_deref().ok_or_else(|| invalid("the text encoder is not loaded"))?;
+                let c = &self.text_encoder_config;
+                *slot = Some(ClipTextModel::load_with_table(gpu, c, src, self.plan.text_encoder, self.token_table)?);
+            }
+            let model = slot.as_ref().expect("loaded above");
+            let e = model.encode(gpu, &rows, EncodeOpts::clip_skip(clip_skip))?;
+            if self.options.free_text_encoder_after_encoding && self.text_encoder_source.is_some() {
+                // The recorded encoding keeps what it reads alive until it has run.
+                *slot = None;
+                gpu.trim();
+            }
+            e
+        };
         let all = e.to_f32(gpu).await?;
         let per = all.len() / texts.len().max(1);
         Ok(all.chunks(per).map(<[f32]>::to_vec).collect())
@@ -288,7 +374,7 @@ impl StableDiffusionPipeline {
 
         // 1. Prompt embeddings.
         let guidance = Guidance::for_unet(opts.cfg, self.unet.config().time_cond_proj_dim);
-        let d = self.text_encoder.config().hidden_size;
+        let d = self.text_encoder_config.hidden_size;
         let seq = self.tokenizer.max_length();
         let (prompt_embeds, negative_prompt_embeds) = match guidance {
             Guidance::ClassifierFree { .. } => {

@@ -21,7 +21,8 @@ use super::common::{block, gpu};
 use loralab::io::safetensors::SafetensorsFile;
 use loralab::model::checkpoint::open_path;
 use loralab::pipeline::{
-    write_safetensors_f32, GenerateOptions, GenerateOutput, StableDiffusionPipeline, StepProgress, WeightPlan,
+    write_safetensors_f32, GenerateOptions, GenerateOutput, PipelineOptions, StableDiffusionPipeline, StepProgress,
+    WeightPlan,
 };
 use loralab::sampler::{PredictionType, SamplerKind};
 use loralab::DType;
@@ -219,6 +220,41 @@ fn pipeline_f16_and_q4_0_weights() {
     // The fixtures' weights are exact in f16, so f16 storage keeps the f32 bound.
     quantized_run(DType::F16, [F32_BOUND; 3]);
     quantized_run(DType::Q4_0, Q4_BOUNDS);
+}
+
+#[test]
+fn pipeline_low_memory_frees_and_reloads_the_text_encoder() {
+    // The text encoder is dropped after encoding and reloaded at the next generation; every
+    // output is bit-identical to the resident pipeline's, run after run.
+    let model = MODELS[1];
+    let folder = fixtures().join("models").join(model);
+    let info = &manifest()["pipelines"][model]["cases"]["dpmpp_2m"];
+    let resident = load(model, Layout::Folder, DType::F32);
+    assert!(resident.text_encoder_resident() && resident.options() == PipelineOptions::default());
+    let opts = case_options(&resident, model, "dpmpp_2m", info);
+    let want = block(resident.generate(gpu(), &opts, &mut |_: &StepProgress<'_>| {})).unwrap();
+    assert!(resident.text_encoder_resident());
+    let ck = open_path(&folder, None).unwrap();
+    let low = StableDiffusionPipeline::load_with_options(gpu(), ck, WeightPlan::new(DType::F32), PipelineOptions::low_memory())
+        .unwrap();
+    assert!(low.text_encoder_resident(), "loaded with the pipeline");
+    for run in 0..2 {
+        let got = block(low.generate(gpu(), &opts, &mut |_: &StepProgress<'_>| {})).unwrap();
+        assert!(!low.text_encoder_resident(), "run {run}: freed after encoding");
+        let bits = |v: &[f32]| v.iter().map(|x| x.to_bits()).collect::<Vec<_>>();
+        assert_eq!(bits(&got.prompt_embeds), bits(&want.prompt_embeds), "run {run}");
+        assert_eq!(
+            bits(got.negative_prompt_embeds.as_ref().unwrap()),
+            bits(want.negative_prompt_embeds.as_ref().unwrap()),
+            "run {run}"
+        );
+        assert_eq!(got.latents.len(), want.latents.len());
+        for (g, w) in got.latents.iter().zip(&want.latents) {
+            assert_eq!(bits(g), bits(w), "run {run}");
+        }
+        assert_eq!(bits(&got.image), bits(&want.image), "run {run}");
+    }
+    compare(&format!("{model} low memory dpmpp_2m"), &want, &refs(model, "dpmpp_2m"), [F32_BOUND; 3]);
 }
 
 #[test]

@@ -13,9 +13,11 @@
 //! - Memory: bytes held by tensors in the engine's buffer pool (`Gpu::memory().live_bytes`, in
 //!   the pool's size classes), with the peak reset around each phase. `all_loaded` is the peak
 //!   of the whole sequence as measured. `staged` is the peak of the same work with the text
-//!   encoder freed after encoding and the VAE decoder loaded after the UNet loop, computed from
-//!   the measured weight bytes and phase peaks (the pool's accounting is additive:
-//!   [`measure_staged`] runs that order for real and the smoke test checks the two agree).
+//!   encoder freed after encoding, as `StableDiffusionPipeline` runs it with
+//!   `PipelineOptions::low_memory()` (every component loaded up front, the text encoder dropped
+//!   once the prompts are encoded), computed from the measured weight bytes and phase peaks (the
+//!   pool's accounting is additive: [`measure_staged`] runs that order for real and the smoke
+//!   test checks the two agree).
 //!   Buffers the pool keeps for reuse after they are freed are not counted (see `kept_bytes`).
 //!
 //! `quick` swaps in a small configuration with the same block structure so a smoke run on a
@@ -158,8 +160,8 @@ pub struct PipelineMemory {
     pub decode_peak_bytes: u64,
     /// Measured peak with all three components loaded throughout (what pipeline.rs does today).
     pub all_loaded_peak_bytes: u64,
-    /// Peak with the text encoder freed after encoding and the VAE decoder loaded after the
-    /// UNet loop (computed from the measured parts; see the module docs).
+    /// Peak with the text encoder freed after encoding (`PipelineOptions::low_memory()`;
+    /// computed from the measured parts, see the module docs).
     pub staged_peak_bytes: u64,
     /// Bytes the pool kept for reuse at the end (allocated from the device, held by no tensor).
     pub kept_bytes: u64,
@@ -332,9 +334,9 @@ async fn run_case(gpu: &Gpu, s: &BenchShapes, dt: DType, opts: &UnetBenchOptions
     let all_loaded = overall_1.max(overall_2).max(overall_3) - base;
     let class = |bytes: u64| crate::gpu::pool::size_class(bytes);
     let ctx_bytes = class(ctx.buffer().size());
-    let staged = (te_bytes + encode_peak)
-        .max(unet_bytes + ctx_bytes + step_peak)
-        .max(unet_bytes + ctx_bytes + vae_bytes + decode_peak);
+    let staged = (te_bytes + unet_bytes + vae_bytes + encode_peak)
+        .max(unet_bytes + vae_bytes + ctx_bytes + step_peak)
+        .max(unet_bytes + vae_bytes + ctx_bytes + decode_peak);
     drop(c);
     drop(ctx);
     gpu.sync().await?;
@@ -371,9 +373,9 @@ async fn run_case(gpu: &Gpu, s: &BenchShapes, dt: DType, opts: &UnetBenchOptions
     })
 }
 
-/// Runs the pipeline's work in the staged order (text encoder freed after encoding, VAE
-/// decoder loaded after one UNet step) and returns the measured peak above what was live at
-/// the start.
+/// Runs the pipeline's work in the staged order of `PipelineOptions::low_memory()` (all
+/// components loaded, the text encoder freed after encoding, one UNet step, the decode) and
+/// returns the measured peak above what was live at the start.
 pub async fn measure_staged(gpu: &Gpu, s: &BenchShapes, dt: DType, seed: u64) -> Result<u64> {
     let plan = WeightPlan::new(dt);
     gpu.sync().await?;
@@ -381,12 +383,12 @@ pub async fn measure_staged(gpu: &Gpu, s: &BenchShapes, dt: DType, seed: u64) ->
     gpu.reset_peak_memory();
     let base = live(gpu);
     let te = load_te(gpu, s, plan, seed)?;
+    let (unet, _) = load_unet(gpu, s, plan, seed)?;
+    let vae = load_vae(gpu, s, plan, seed)?;
     let ctx = encode(gpu, s, &te).await?;
     drop(te);
-    let (unet, _) = load_unet(gpu, s, plan, seed)?;
     let latents = Rng::new(seed).normal_vec(s.latents.iter().product());
     step(gpu, s, &unet, &ctx, &latents).await?;
-    let vae = load_vae(gpu, s, plan, seed)?;
     decode(gpu, s, &vae, &latents).await?;
     let peak = gpu.memory().peak_live_bytes - base;
     drop((vae, unet, ctx));
@@ -522,7 +524,7 @@ pub fn format_unet_table(r: &UnetBenchReport) -> String {
     }
     s.push_str(
         "all loaded: measured, every component resident throughout (what StableDiffusionPipeline does today)\n\
-         staged: text encoder freed after encoding, VAE decoder loaded after the UNet loop (from the measured parts)\n",
+         staged: text encoder freed after encoding, PipelineOptions::low_memory() (from the measured parts)\n",
     );
     let met = |m: Option<bool>| match m {
         Some(true) => "met",
