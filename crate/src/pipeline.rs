@@ -34,9 +34,9 @@
 use crate::error::{Error, Result};
 use crate::gpu::Gpu;
 use crate::io::RangeRead;
-use crate::model::checkpoint::Checkpoint;
+use crate::model::checkpoint::{Checkpoint, ComponentWeights};
 use crate::model::clip::{ClipTextModel, EncodeOpts};
-use crate::model::config::{ClipTextConfig, SampleSize};
+use crate::model::config::{ClipTextConfig, SampleSize, UNetConfig};
 use crate::model::tokenizer::ClipTokenizer;
 use crate::model::unet::UNet2DConditionModel;
 use crate::model::vae::{to_image_01, AutoencoderKL, VaeParts};
@@ -46,6 +46,7 @@ use crate::rng::Rng;
 use crate::sampler::guidance::{guidance_embedding, Guidance};
 use crate::sampler::{Sampler, SamplerConfig, SamplerKind};
 use crate::tensor::Tensor;
+use std::sync::{Arc, Mutex};
 
 /// Storage of each component's weights.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -174,12 +175,59 @@ pub struct PipelineOptions {
     /// the UNet loop and the VAE decode then run without the text encoder resident, at the cost
     /// of re-reading its weights on every generation. Results are the same either way.
     pub free_text_encoder_after_encoding: bool,
+    /// Release the UNet's weights after the denoising loop, before the VAE decode, and load them
+    /// again from the checkpoint at the next generation's loop: the decode, the largest
+    /// activation peak, runs beside the VAE decoder's weights alone.
+    pub free_unet_before_decode: bool,
 }
 
 impl PipelineOptions {
-    /// The lowest peak memory this pipeline offers (the text encoder freed after encoding).
+    /// The lowest peak memory this pipeline offers: the text encoder freed after encoding and
+    /// the UNet before the decode.
     pub fn low_memory() -> Self {
-        Self { free_text_encoder_after_encoding: true }
+        Self { free_text_encoder_after_encoding: true, free_unet_before_decode: true }
+    }
+}
+
+/// A component held on the GPU, or released between uses and loaded again from its weights.
+/// Users hold an `Arc` while they run it, so releasing never pulls a model from under a call.
+struct Slot<T> {
+    model: Mutex<Option<Arc<T>>>,
+    /// Where the model reloads from once released (`None`: it is never released).
+    source: Option<Box<dyn WeightSource>>,
+}
+
+impl<T> Slot<T> {
+    fn resident(model: T) -> Self {
+        Self { model: Mutex::new(Some(Arc::new(model))), source: None }
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, Option<Arc<T>>> {
+        self.model.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    fn is_resident(&self) -> bool {
+        self.lock().is_some()
+    }
+
+    /// The model, loaded from the source first when it was released.
+    fn get(&self, what: &str, load: impl FnOnce(&dyn WeightSource) -> Result<T>) -> Result<Arc<T>> {
+        let mut slot = self.lock();
+        if let Some(m) = slot.as_ref() {
+            return Ok(Arc::clone(m));
+        }
+        let src = self.source.as_deref().ok_or_else(|| invalid(format!("the {what} is not loaded")))?;
+        let m = Arc::new(load(src)?);
+        *slot = Some(Arc::clone(&m));
+        Ok(m)
+    }
+
+    /// Drops the pipeline's reference when the model can be reloaded; the GPU memory is freed
+    /// once the caller's `Arc` goes too.
+    fn release(&self) {
+        if self.source.is_some() {
+            *self.lock() = None;
+        }
     }
 }
 
@@ -187,15 +235,15 @@ impl PipelineOptions {
 /// model's scheduler config, with weights on the GPU.
 pub struct StableDiffusionPipeline {
     tokenizer: ClipTokenizer,
-    /// Resident, or `None` between generations under
-    /// [`PipelineOptions::free_text_encoder_after_encoding`].
-    text_encoder: std::sync::Mutex<Option<ClipTextModel>>,
+    /// Released between uses under [`PipelineOptions::free_text_encoder_after_encoding`].
+    text_encoder: Slot<ClipTextModel>,
     text_encoder_config: ClipTextConfig,
     token_table: DType,
-    /// Where the text encoder reloads from when it is freed after encoding.
-    text_encoder_source: Option<Box<dyn WeightSource>>,
+    /// Released between uses under [`PipelineOptions::free_unet_before_decode`].
+    unet: Slot<UNet2DConditionModel>,
+    unet_config: UNetConfig,
+    unet_size_multiple: usize,
     options: PipelineOptions,
-    unet: UNet2DConditionModel,
     vae: AutoencoderKL,
     scheduler: SamplerConfig,
     plan: WeightPlan,
@@ -212,22 +260,24 @@ impl StableDiffusionPipeline {
     /// Loads every component of `ck` (consumed: the pipeline keeps its tokenizer) to the GPU with the storage `plan` (weights stream
     /// tensor by tensor from the checkpoint's files).
     pub fn load<R: RangeRead>(gpu: &Gpu, ck: Checkpoint<R>, plan: WeightPlan) -> Result<Self> {
-        Self::load_parts(gpu, ck, plan).map(|(pipe, _)| pipe)
+        Self::load_parts(gpu, ck, plan).map(|(pipe, _, _)| pipe)
     }
 
-    /// [`load`](Self::load) with `options`; with
-    /// [`PipelineOptions::free_text_encoder_after_encoding`] the pipeline keeps the checkpoint's
-    /// text-encoder weights to reload them from.
+    /// [`load`](Self::load) with `options`; for each component the options free between uses,
+    /// the pipeline keeps the checkpoint's weights of that component to reload them from.
     pub fn load_with_options<R: RangeRead + 'static>(
         gpu: &Gpu,
         ck: Checkpoint<R>,
         plan: WeightPlan,
         options: PipelineOptions,
     ) -> Result<Self> {
-        let (mut pipe, source) = Self::load_parts(gpu, ck, plan)?;
+        let (mut pipe, te, unet) = Self::load_parts(gpu, ck, plan)?;
         pipe.options = options;
         if options.free_text_encoder_after_encoding {
-            pipe.text_encoder_source = Some(Box::new(source));
+            pipe.text_encoder.source = Some(Box::new(te));
+        }
+        if options.free_unet_before_decode {
+            pipe.unet.source = Some(Box::new(unet));
         }
         Ok(pipe)
     }
@@ -238,14 +288,20 @@ impl StableDiffusionPipeline {
 
     /// Whether the text encoder's weights are on the GPU now.
     pub fn text_encoder_resident(&self) -> bool {
-        self.text_encoder.lock().unwrap_or_else(|p| p.into_inner()).is_some()
+        self.text_encoder.is_resident()
     }
 
+    /// Whether the UNet's weights are on the GPU now.
+    pub fn unet_resident(&self) -> bool {
+        self.unet.is_resident()
+    }
+
+    #[allow(clippy::type_complexity)]
     fn load_parts<R: RangeRead>(
         gpu: &Gpu,
         ck: Checkpoint<R>,
         plan: WeightPlan,
-    ) -> Result<(Self, crate::model::checkpoint::ComponentWeights<R>)> {
+    ) -> Result<(Self, ComponentWeights<R>, ComponentWeights<R>)> {
         let scheduler = ck.config.scheduler.clone();
         let te_config = &ck.config.text_encoder;
         let table = token_table_dtype(te_config, gpu.caps().max_storage_buffer_binding_size);
@@ -274,18 +330,19 @@ impl StableDiffusionPipeline {
         };
         let pipe = StableDiffusionPipeline {
             tokenizer: ck.tokenizer,
-            text_encoder: std::sync::Mutex::new(Some(text_encoder)),
-            text_encoder_config: ck.config.text_encoder.clone(),
+            text_encoder_config: text_encoder.config().clone(),
+            text_encoder: Slot::resident(text_encoder),
             token_table: table,
-            text_encoder_source: None,
+            unet_config: unet.config().clone(),
+            unet_size_multiple: unet.size_multiple(),
+            unet: Slot::resident(unet),
             options: PipelineOptions::default(),
-            unet,
             vae,
             scheduler,
             plan,
             default_size,
         };
-        Ok((pipe, ck.text_encoder))
+        Ok((pipe, ck.text_encoder, ck.unet))
     }
 
     pub fn weight_plan(&self) -> WeightPlan {
@@ -304,7 +361,7 @@ impl StableDiffusionPipeline {
 
     /// Width and height must be multiples of this (VAE factor × UNet levels).
     pub fn size_multiple(&self) -> usize {
-        self.vae.downscale() * self.unet.size_multiple()
+        self.vae.downscale() * self.unet_size_multiple
     }
 
     /// diffusers' default image size: `unet.config.sample_size × vae_scale_factor` (512 for
@@ -324,29 +381,24 @@ impl StableDiffusionPipeline {
             }
         }
         let f = self.vae_scale_factor();
-        Ok([1, self.unet.config().in_channels, height / f, width / f])
+        Ok([1, self.unet_config.in_channels, height / f, width / f])
     }
 
     /// `[1, 77, D]` prompt embeddings of each text (one text-encoder call on the batch).
     pub async fn encode_prompts(&self, gpu: &Gpu, texts: &[&str], clip_skip: usize) -> Result<Vec<Vec<f32>>> {
         let ids: Vec<Vec<u32>> = texts.iter().map(|t| self.tokenizer.encode_padded(t)).collect();
         let rows: Vec<&[u32]> = ids.iter().map(Vec::as_slice).collect();
-        let e = {
-            let mut slot = self.text_encoder.lock().unwrap_or_else(|p| p.into_inner());
-            if slot.is_none() {
-                let src = self.text_encoder_source.as_deref().ok_or_else(|| invalid("the text encoder is not loaded"))?;
-                let c = &self.text_encoder_config;
-                *slot = Some(ClipTextModel::load_with_table(gpu, c, src, self.plan.text_encoder, self.token_table)?);
-            }
-            let model = slot.as_ref().expect("loaded above");
-            let e = model.encode(gpu, &rows, EncodeOpts::clip_skip(clip_skip))?;
-            if self.options.free_text_encoder_after_encoding && self.text_encoder_source.is_some() {
-                // The recorded encoding keeps what it reads alive until it has run.
-                *slot = None;
-                gpu.trim();
-            }
-            e
-        };
+        let te = self.text_encoder.get("text encoder", |src| {
+            let c = &self.text_encoder_config;
+            ClipTextModel::load_with_table(gpu, c, src, self.plan.text_encoder, self.token_table)
+        })?;
+        let e = te.encode(gpu, &rows, EncodeOpts::clip_skip(clip_skip))?;
+        if self.options.free_text_encoder_after_encoding {
+            // Commands already recorded keep the buffers they read alive until they have run.
+            self.text_encoder.release();
+            drop(te);
+            gpu.trim();
+        }
         let all = e.to_f32(gpu).await?;
         let per = all.len() / texts.len().max(1);
         Ok(all.chunks(per).map(<[f32]>::to_vec).collect())
@@ -373,7 +425,7 @@ impl StableDiffusionPipeline {
         sampler.set_timesteps(opts.steps)?;
 
         // 1. Prompt embeddings.
-        let guidance = Guidance::for_unet(opts.cfg, self.unet.config().time_cond_proj_dim);
+        let guidance = Guidance::for_unet(opts.cfg, self.unet_config.time_cond_proj_dim);
         let d = self.text_encoder_config.hidden_size;
         let seq = self.tokenizer.max_length();
         let (prompt_embeds, negative_prompt_embeds) = match guidance {
@@ -411,13 +463,14 @@ impl StableDiffusionPipeline {
         let mut latents = sampler.initial_latents(&noise);
 
         // 3. Denoising loop.
+        let unet = self.unet.get("UNet", |src| UNet2DConditionModel::load(gpu, &self.unet_config, src, self.plan.unet))?;
         let timesteps = sampler.timesteps().to_vec();
         let mut steps_out = Vec::with_capacity(timesteps.len());
         for (i, &t) in timesteps.iter().enumerate() {
             let input = sampler.scale_model_input(&latents, t)?;
             let input: Vec<f32> = if batch == 2 { input.iter().chain(&input).copied().collect() } else { input };
             let sample = Tensor::from_f32(gpu, &[batch, shape[1], shape[2], shape[3]], &input)?;
-            let out = self.unet.forward_with_cond(gpu, &sample, &[t], &context, timestep_cond.as_ref())?;
+            let out = unet.forward_with_cond(gpu, &sample, &[t], &context, timestep_cond.as_ref())?;
             let out = out.to_f32(gpu).await?;
             let guided = guidance.combine(&out)?;
             let noise = opts.step_noise.get(i).and_then(|z| z.as_deref());
@@ -431,6 +484,13 @@ impl StableDiffusionPipeline {
                 denoised: &step.denoised,
             });
             steps_out.push(latents.clone());
+        }
+
+        if self.options.free_unet_before_decode {
+            self.unet.release();
+            drop(unet);
+            drop(context);
+            gpu.trim();
         }
 
         // 4. Decode.

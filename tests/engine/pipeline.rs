@@ -223,24 +223,31 @@ fn pipeline_f16_and_q4_0_weights() {
 }
 
 #[test]
-fn pipeline_low_memory_frees_and_reloads_the_text_encoder() {
-    // The text encoder is dropped after encoding and reloaded at the next generation; every
-    // output is bit-identical to the resident pipeline's, run after run.
+fn pipeline_low_memory_frees_and_reloads_components() {
+    // The text encoder is dropped after encoding and the UNet before the decode, both reloaded
+    // at the next generation; every output is bit-identical to the resident pipeline's, run
+    // after run.
     let model = MODELS[1];
     let folder = fixtures().join("models").join(model);
     let info = &manifest()["pipelines"][model]["cases"]["dpmpp_2m"];
     let resident = load(model, Layout::Folder, DType::F32);
-    assert!(resident.text_encoder_resident() && resident.options() == PipelineOptions::default());
+    assert!(resident.text_encoder_resident() && resident.unet_resident());
+    assert_eq!(resident.options(), PipelineOptions::default());
     let opts = case_options(&resident, model, "dpmpp_2m", info);
     let want = block(resident.generate(gpu(), &opts, &mut |_: &StepProgress<'_>| {})).unwrap();
-    assert!(resident.text_encoder_resident());
+    assert!(resident.text_encoder_resident() && resident.unet_resident());
     let ck = open_path(&folder, None).unwrap();
     let low = StableDiffusionPipeline::load_with_options(gpu(), ck, WeightPlan::new(DType::F32), PipelineOptions::low_memory())
         .unwrap();
-    assert!(low.text_encoder_resident(), "loaded with the pipeline");
+    assert!(low.text_encoder_resident() && low.unet_resident(), "loaded with the pipeline");
     for run in 0..2 {
-        let got = block(low.generate(gpu(), &opts, &mut |_: &StepProgress<'_>| {})).unwrap();
-        assert!(!low.text_encoder_resident(), "run {run}: freed after encoding");
+        let mut during = Vec::new();
+        let got = block(low.generate(gpu(), &opts, &mut |_: &StepProgress<'_>| {
+            during.push((low.text_encoder_resident(), low.unet_resident()))
+        }))
+        .unwrap();
+        assert!(during.iter().all(|&r| r == (false, true)), "run {run}: {during:?}");
+        assert!(!low.text_encoder_resident() && !low.unet_resident(), "run {run}: freed");
         let bits = |v: &[f32]| v.iter().map(|x| x.to_bits()).collect::<Vec<_>>();
         assert_eq!(bits(&got.prompt_embeds), bits(&want.prompt_embeds), "run {run}");
         assert_eq!(
