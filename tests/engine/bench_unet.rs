@@ -3,7 +3,7 @@
 
 use super::common::block;
 use loralab::bench::unet::{
-    format_unet_table, measure_decode, measure_staged, run_unet, BenchShapes, UnetBenchOptions,
+    format_unet_table, measure_decode, measure_staged, measure_step, run_unet, BenchShapes, UnetBenchOptions,
 };
 use loralab::{DType, Gpu, GpuOptions};
 
@@ -50,7 +50,7 @@ fn quick_unet_bench_reports_every_weight_type() {
     }
 }
 
-/// The decode measured alone agrees with the whole-pipeline run's decode phase.
+/// The decode and a UNet step measured alone agree with the whole-pipeline run's phases.
 #[test]
 fn quick_decode_measured_alone_matches_the_pipeline_phase() {
     let gpu = own_gpu();
@@ -64,19 +64,28 @@ fn quick_decode_measured_alone_matches_the_pipeline_phase() {
         let d = block(measure_decode(&gpu, &s, DType::Q4_0, 1, read_back)).unwrap();
         assert_eq!(d.vae_decoder_weight_bytes, p.vae_decoder_weight_bytes);
         assert_eq!(d.decode_peak_bytes, p.decode_peak_bytes, "read_back {read_back}");
+        let step = block(measure_step(&gpu, &s, DType::Q4_0, 1, read_back)).unwrap();
+        assert_eq!(step, p.step_peak_bytes, "read_back {read_back}");
     }
     block(gpu.sync()).unwrap();
     assert_eq!(gpu.memory().live_bytes, 0);
 }
 
-/// SD1.5 VAE decode peak (q4_0 plan: f16 decoder matrices) at 256×256 and, where the adapter's
-/// storage-binding limit allows its 256 MiB activations, 512×512, recorded without waiting for
-/// the GPU: `cargo test -p loralab --test engine sd15_decode_peak -- --ignored --nocapture`.
+/// SD1.5 peaks at q4_0, recorded without waiting for the GPU: one UNet step at 64×64 latents
+/// (batch 2), the VAE decode (f16 decoder matrices) at 256×256 and, where the adapter's
+/// storage-binding limit allows its 256 MiB activations, 512×512:
+/// `cargo test -p loralab --test engine sd15_decode_peak -- --ignored --nocapture`.
 #[test]
 #[ignore]
 fn sd15_decode_peak() {
+    // A device per measurement, never waited for: each figure is known once its work is
+    // recorded, and the process exits without running it.
     let gpu = own_gpu();
+    let step = block(measure_step(&gpu, &BenchShapes::sd15(), DType::Q4_0, 0, false)).unwrap();
+    println!("SD1.5 UNet step [2, 4, 64, 64] (q4_0): activation peak {step} bytes");
+    std::mem::forget(gpu);
     for side in [32usize, 64] {
+        let gpu = own_gpu();
         let s = BenchShapes { latents: [2, 4, side, side], ..BenchShapes::sd15() };
         match block(measure_decode(&gpu, &s, DType::Q4_0, 0, false)) {
             Ok(d) => println!(
@@ -87,7 +96,6 @@ fn sd15_decode_peak() {
             ),
             Err(e) => println!("SD1.5 {0}x{0} VAE decode: {e}", side * 8),
         }
+        std::mem::forget(gpu);
     }
-    // Exit without waiting for the recorded work.
-    std::mem::forget(gpu);
 }

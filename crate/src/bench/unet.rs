@@ -438,6 +438,33 @@ pub async fn measure_decode(gpu: &Gpu, s: &BenchShapes, dt: DType, seed: u64, re
     Ok(DecodeMemory { vae_decoder_weight_bytes: vae_bytes, decode_peak_bytes: decode_peak })
 }
 
+/// Peak bytes one UNet step of `s` allocates above its weights and inputs (the prompt
+/// embeddings and the uploaded latents included, as in
+/// [`UnetBenchCase::step_activation_peak_bytes`]), with weight type `dt`. `read_back` as in
+/// [`measure_decode`].
+pub async fn measure_step(gpu: &Gpu, s: &BenchShapes, dt: DType, seed: u64, read_back: bool) -> Result<u64> {
+    let plan = WeightPlan::new(dt);
+    gpu.sync().await?;
+    gpu.trim();
+    let (unet, _) = load_unet(gpu, s, plan, seed)?;
+    let t = &s.text_encoder;
+    let (b, n, d) = (s.latents[0], t.max_position_embeddings, t.hidden_size);
+    let ctx = Tensor::from_f32(gpu, &[b, n, d], &Rng::new(seed).normal_vec(b * n * d))?;
+    let latents = Rng::new(seed).normal_vec(s.latents.iter().product());
+    let base = live(gpu);
+    gpu.reset_peak_memory();
+    if read_back {
+        check_finite("the UNet", &step(gpu, s, &unet, &ctx, &latents).await?)?;
+    } else {
+        let sample = Tensor::from_f32(gpu, &s.latents, &latents)?;
+        drop(unet.forward(gpu, &sample, &[981.0], &ctx)?);
+        gpu.flush();
+    }
+    let peak = peak_above(gpu, base);
+    drop((unet, ctx));
+    Ok(peak)
+}
+
 /// Runs every weight type of `opts`; `clock` returns milliseconds.
 pub async fn run_unet(gpu: &Gpu, opts: &UnetBenchOptions, clock: &dyn Fn() -> f64) -> Result<UnetBenchReport> {
     let s = if opts.quick { BenchShapes::quick() } else { BenchShapes::sd15() };
