@@ -30,6 +30,11 @@
 //! table when its f32 form would exceed the adapter's largest storage binding (SD1.5's is
 //! 152 MB, over the 128 MiB of lavapipe and browsers): it is then stored f16
 //! ([`token_table_dtype`]).
+//!
+//! Memory: by default every component stays on the GPU. [`PipelineOptions::low_memory`] (through
+//! [`StableDiffusionPipeline::load_with_options`]) frees the text encoder once the prompts are
+//! encoded and the UNet before the VAE decode, reloading each from the checkpoint when next
+//! needed; the results are the same.
 
 use crate::error::{Error, Result};
 use crate::gpu::Gpu;
