@@ -157,12 +157,16 @@ pub struct PipelineMemory {
     /// Peaks above what was live when each phase began.
     pub encode_peak_bytes: u64,
     pub step_peak_bytes: u64,
-    pub decode_peak_bytes: u64,
+    /// `None` when the decode cannot run on this adapter (see `decode_error`).
+    pub decode_peak_bytes: Option<u64>,
+    /// Why the decode could not run (e.g. an activation larger than the adapter's largest
+    /// storage binding: lavapipe's 128 MiB at 512×512); the UNet figures stand regardless.
+    pub decode_error: Option<String>,
     /// Measured peak with all three components loaded throughout (what pipeline.rs does today).
-    pub all_loaded_peak_bytes: u64,
+    pub all_loaded_peak_bytes: Option<u64>,
     /// Peak with the text encoder freed after encoding and the UNet before the decode
     /// (`PipelineOptions::low_memory()`; computed from the measured parts, see the module docs).
-    pub staged_peak_bytes: u64,
+    pub staged_peak_bytes: Option<u64>,
     /// Bytes the pool kept for reuse at the end (allocated from the device, held by no tensor).
     pub kept_bytes: u64,
 }
@@ -326,17 +330,25 @@ async fn run_case(gpu: &Gpu, s: &BenchShapes, dt: DType, opts: &UnetBenchOptions
     // 3. VAE decode.
     let b3 = live(gpu);
     gpu.reset_peak_memory();
-    let image = decode(gpu, s, &c.vae, &latents).await?;
-    check_finite("the VAE decoder", &image)?;
-    let decode_peak = peak_above(gpu, b3);
+    let (decode_peak, decode_error) = match decode(gpu, s, &c.vae, &latents).await {
+        Ok(image) => {
+            check_finite("the VAE decoder", &image)?;
+            (Some(peak_above(gpu, b3)), None)
+        }
+        // An activation this adapter cannot bind: report it, keep the UNet figures.
+        Err(e @ crate::Error::TooLarge { .. }) => (None, Some(e.to_string())),
+        Err(e) => return Err(e),
+    };
     let overall_3 = gpu.memory().peak_live_bytes;
 
-    let all_loaded = overall_1.max(overall_2).max(overall_3) - base;
+    let all_loaded = decode_peak.map(|_| overall_1.max(overall_2).max(overall_3) - base);
     let class = |bytes: u64| crate::gpu::pool::size_class(bytes);
     let ctx_bytes = class(ctx.buffer().size());
-    let staged = (te_bytes + unet_bytes + vae_bytes + encode_peak)
-        .max(unet_bytes + vae_bytes + ctx_bytes + step_peak)
-        .max(vae_bytes + decode_peak);
+    let staged = decode_peak.map(|decode_peak| {
+        (te_bytes + unet_bytes + vae_bytes + encode_peak)
+            .max(unet_bytes + vae_bytes + ctx_bytes + step_peak)
+            .max(vae_bytes + decode_peak)
+    });
     drop(c);
     drop(ctx);
     gpu.sync().await?;
@@ -366,6 +378,7 @@ async fn run_case(gpu: &Gpu, s: &BenchShapes, dt: DType, opts: &UnetBenchOptions
             encode_peak_bytes: encode_peak,
             step_peak_bytes: step_peak,
             decode_peak_bytes: decode_peak,
+            decode_error,
             all_loaded_peak_bytes: all_loaded,
             staged_peak_bytes: staged,
             kept_bytes: kept,
@@ -484,14 +497,18 @@ pub async fn run_unet(gpu: &Gpu, opts: &UnetBenchOptions, clock: &dyn Fn() -> f6
         warmup: opts.warmup,
         goal: GOAL.into(),
         goal_bytes: GOAL_BYTES,
-        goal_met_all_loaded: q4.map(|c| c.pipeline.all_loaded_peak_bytes < GOAL_BYTES),
-        goal_met_staged: q4.map(|c| c.pipeline.staged_peak_bytes < GOAL_BYTES),
+        goal_met_all_loaded: q4.and_then(|c| c.pipeline.all_loaded_peak_bytes).map(|b| b < GOAL_BYTES),
+        goal_met_staged: q4.and_then(|c| c.pipeline.staged_peak_bytes).map(|b| b < GOAL_BYTES),
         cases,
     })
 }
 
 fn gb(bytes: u64) -> String {
     format!("{:.1} MB", bytes as f64 / 1e6)
+}
+
+fn gb_or_dash(bytes: Option<u64>) -> String {
+    bytes.map_or_else(|| "-".to_string(), gb)
 }
 
 /// A plain-text table of a report (MB = 10⁶ bytes, GB = 10⁹ bytes).
@@ -540,10 +557,13 @@ pub fn format_unet_table(r: &UnetBenchReport) -> String {
             gb(p.vae_decoder_weight_bytes),
             gb(p.encode_peak_bytes),
             gb(p.step_peak_bytes),
-            gb(p.decode_peak_bytes),
-            gb(p.all_loaded_peak_bytes),
-            gb(p.staged_peak_bytes)
+            gb_or_dash(p.decode_peak_bytes),
+            gb_or_dash(p.all_loaded_peak_bytes),
+            gb_or_dash(p.staged_peak_bytes)
         ));
+        if let Some(e) = &p.decode_error {
+            s.push_str(&format!("        VAE decode did not run on this adapter: {e}\n"));
+        }
     }
     if let Some(c) = r.cases.iter().find(|c| c.pipeline.token_table_dtype != "f32") {
         s.push_str(&format!(
@@ -558,7 +578,7 @@ pub fn format_unet_table(r: &UnetBenchReport) -> String {
     let met = |m: Option<bool>| match m {
         Some(true) => "met",
         Some(false) => "not met",
-        None => "n/a (needs a full-size q4_0 run)",
+        None => "n/a (needs a full-size q4_0 run whose decode fits the adapter)",
     };
     s.push_str(&format!(
         "\ngoal: {} (GB = 10^9 bytes)\n  all loaded: {}; staged: {}\n",
