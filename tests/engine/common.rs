@@ -5,6 +5,7 @@
 
 use loralab::quant::nmse;
 use loralab::rng::Rng;
+use loralab::sampler::{PredictionType, SamplerConfig, SamplerKind};
 use loralab::{Gpu, GpuOptions};
 use std::sync::OnceLock;
 
@@ -69,4 +70,23 @@ pub fn assert_nmse(what: &str, got: &[f32], want: &[f32], bound: f64) {
 /// Uploads, runs `f` and reads back.
 pub fn read(gpu: &Gpu, t: &loralab::Tensor) -> Vec<f32> {
     block(t.to_f32(gpu)).expect("readback")
+}
+
+/// The sampler kind and config overrides of a fixture case (see manifest notes).
+pub fn fixture_case_sampler(case: &str, base: &SamplerConfig) -> (SamplerKind, SamplerConfig) {
+    let mut c = base.clone();
+    let kind = match case {
+        "ddim" => SamplerKind::Ddim,
+        "ddim_vpred" => {
+            c.prediction_type = Some(PredictionType::VPrediction);
+            SamplerKind::Ddim
+        }
+        "euler" => SamplerKind::Euler,
+        "euler_a" => SamplerKind::EulerAncestral,
+        "dpmpp_2m" => SamplerKind::DpmPp2M,
+        "dpmpp_2m_karras" => SamplerKind::DpmPp2MKarras,
+        "lcm" | "lcm_cfg1.5" => SamplerKind::Lcm,
+        other => panic!("fixture case {other} has no sampler mapping"),
+    };
+    (kind, c)
 }

@@ -17,14 +17,14 @@
 //! and its A1111 `parameters` chunk; bad inputs must exit non-zero with messages naming the
 //! option or file.
 
-use super::common::{block, gpu};
+use super::common::{block, fixture_case_sampler, gpu};
 use loralab::io::safetensors::SafetensorsFile;
 use loralab::model::checkpoint::open_path;
 use loralab::pipeline::{
     write_safetensors_f32, GenerateOptions, GenerateOutput, PipelineOptions, StableDiffusionPipeline, StepProgress,
     WeightPlan,
 };
-use loralab::sampler::{PredictionType, SamplerKind};
+use loralab::sampler::SamplerKind;
 use loralab::DType;
 use serde_json::Value;
 use std::path::{Path, PathBuf};
@@ -81,20 +81,7 @@ fn refs(model: &str, name: &str) -> SafetensorsFile<loralab::io::LocalFile> {
 /// The options of a fixture case: prompts, guidance, steps, sampler (with the case's scheduler
 /// overrides), the recorded initial latents and noise.
 fn case_options(pipe: &StableDiffusionPipeline, model: &str, case: &str, info: &Value) -> GenerateOptions {
-    let mut scheduler = pipe.scheduler_config().clone();
-    let sampler = match case {
-        "ddim" => SamplerKind::Ddim,
-        "ddim_vpred" => {
-            scheduler.prediction_type = Some(PredictionType::VPrediction);
-            SamplerKind::Ddim
-        }
-        "euler" => SamplerKind::Euler,
-        "euler_a" => SamplerKind::EulerAncestral,
-        "dpmpp_2m" => SamplerKind::DpmPp2M,
-        "dpmpp_2m_karras" => SamplerKind::DpmPp2MKarras,
-        "lcm" | "lcm_cfg1.5" => SamplerKind::Lcm,
-        other => panic!("fixture case {other} has no sampler mapping"),
-    };
+    let (sampler, scheduler) = fixture_case_sampler(case, pipe.scheduler_config());
     let r = refs(model, case);
     let steps = info["num_inference_steps"].as_u64().unwrap() as usize;
     let noise_steps: Vec<usize> =

@@ -10,7 +10,8 @@
 use loralab::io::safetensors::SafetensorsFile;
 use loralab::sampler::guidance::{cfg_combine, guidance_embedding, Guidance};
 use loralab::sampler::schedule;
-use loralab::sampler::{BetaSchedule, PredictionType, Sampler, SamplerConfig, SamplerKind, TimestepSpacing};
+use super::common::fixture_case_sampler;
+use loralab::sampler::{BetaSchedule, Sampler, SamplerConfig, SamplerKind, TimestepSpacing};
 use serde_json::Value;
 use std::path::{Path, PathBuf};
 
@@ -44,25 +45,6 @@ fn assert_close(what: &str, got: &[f32], want: &[f32], bound: f64) -> f64 {
     e
 }
 
-/// The sampler kind and config overrides of a fixture case (see manifest notes).
-fn case_sampler(case: &str, base: &SamplerConfig) -> (SamplerKind, SamplerConfig) {
-    let mut c = base.clone();
-    let kind = match case {
-        "ddim" => SamplerKind::Ddim,
-        "ddim_vpred" => {
-            c.prediction_type = Some(PredictionType::VPrediction);
-            SamplerKind::Ddim
-        }
-        "euler" => SamplerKind::Euler,
-        "euler_a" => SamplerKind::EulerAncestral,
-        "dpmpp_2m" => SamplerKind::DpmPp2M,
-        "dpmpp_2m_karras" => SamplerKind::DpmPp2MKarras,
-        "lcm" | "lcm_cfg1.5" => SamplerKind::Lcm,
-        other => panic!("fixture case {other} has no sampler mapping"),
-    };
-    (kind, c)
-}
-
 fn f32_list(v: &Value) -> Vec<f32> {
     v.as_array().expect("list").iter().map(|x| x.as_f64().expect("number") as f32).collect()
 }
@@ -70,7 +52,7 @@ fn f32_list(v: &Value) -> Vec<f32> {
 /// Replays one fixture case; returns the largest latents error over its steps.
 fn replay(model: &str, case: &str, info: &Value) -> f64 {
     let base = sd15_config(model);
-    let (kind, config) = case_sampler(case, &base);
+    let (kind, config) = fixture_case_sampler(case, &base);
     let mut s = Sampler::new(kind, &config).unwrap();
 
     // The manifest's effective config, read as a config file, must give the same settings.
