@@ -52,7 +52,7 @@ impl fmt::Display for Error {
             Error::TooLarge { what, bytes, limit } => write!(
                 f,
                 "{what} needs {bytes} bytes but this GPU allows at most {limit} bytes per buffer; \
-                 use a smaller size or a quantized weight type"
+                 use a smaller image or tensor size, or a quantized weight type for weights"
             ),
             Error::Readback(m) => write!(f, "reading results from the GPU failed: {m}"),
             Error::Invalid(m) => write!(f, "invalid argument: {m}"),
