@@ -17,10 +17,9 @@
 //! 5. `<|startoftext|>` + ids (truncated to `max_length - 2`) + `<|endoftext|>`, then padding
 //!    with the pad token (SD1.x: `<|endoftext|>`; SD2.x's config says `!`, id 0).
 //!
-//! Known differences: transformers NFC-normalises first; this tokenizer does not, so text in
-//! decomposed form (e.g. `e` + U+0301) must be NFC-normalised by the caller (in the browser,
-//! `String.prototype.normalize("NFC")`). Characters assigned after Unicode 14 may be
-//! classified differently from the `tokenizers` regex engine.
+//! Text is NFC-normalised before lowercasing, as transformers does, so decomposed input (e.g.
+//! `e` + U+0301) gives the same ids as its composed form. Known difference: characters
+//! assigned after Unicode 14 may be classified differently from the `tokenizers` regex engine.
 //!
 //! The standard table (the vocabulary of SD1.x/SD2.x's `tokenizer/vocab.json`) is embedded:
 //! `crate/data/bpe_simple_vocab_16e6.first48894.txt.gz` (see `crate/data/README.md`).
@@ -28,6 +27,7 @@
 use crate::error::{Error, Result};
 use std::collections::HashMap;
 use std::sync::Mutex;
+use unicode_normalization::UnicodeNormalization;
 
 /// Sequence length of SD's text encoders.
 pub const MAX_LENGTH: usize = 77;
@@ -228,7 +228,8 @@ impl ClipTokenizer {
                 Span::Special(true) => ids.push(self.start),
                 Span::Special(false) => ids.push(self.end),
                 Span::Text(t) => {
-                    let lower: String = t.chars().flat_map(char::to_lowercase).collect();
+                    // NFC first, as transformers' CLIP normalizer does, then lowercase.
+                    let lower: String = t.nfc().flat_map(char::to_lowercase).collect();
                     for piece in pre_tokenize(&lower) {
                         self.bpe_piece(piece, &mut ids);
                     }
