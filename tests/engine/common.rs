@@ -54,6 +54,8 @@ pub fn assert_nmse(what: &str, got: &[f32], want: &[f32], bound: f64) {
     assert_eq!(got.len(), want.len(), "{what}: length");
     assert!(got.iter().all(|v| v.is_finite()), "{what}: non-finite output");
     let e = nmse(got, want);
+    // Written so that a NaN error also fails.
+    #[allow(clippy::neg_cmp_op_on_partial_ord)]
     if !(e <= bound) {
         let diffs: Vec<String> = got
             .iter()

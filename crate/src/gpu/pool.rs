@@ -159,7 +159,7 @@ mod tests {
     fn size_classes_waste_at_most_an_eighth() {
         for b in [1u64, 255, 256, 257, 1000, 4096, 4097, 123_456_789] {
             let c = size_class(b);
-            assert!(c >= b && c % 16 == 0, "{b} -> {c}");
+            assert!(c >= b && c.is_multiple_of(16), "{b} -> {c}");
             assert!(c <= (b.max(256) * 9) / 8 + 16, "{b} -> {c}");
         }
     }

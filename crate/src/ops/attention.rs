@@ -148,7 +148,7 @@ pub fn attention_tiled(
     let caps = gpu.caps();
     if tiles.bq == 0
         || tiles.bk == 0
-        || tiles.bk % 4 != 0
+        || !tiles.bk.is_multiple_of(4)
         || tiles.invocations() > (caps.max_invocations_per_workgroup as usize).min(256)
         || tiles.workgroup_bytes(d) > caps.max_workgroup_storage as usize
     {

@@ -27,9 +27,9 @@ impl Tiles {
         self.bm > 0
             && self.bn > 0
             && self.kt > 0
-            && self.bm % 8 == 0
-            && self.bn % 8 == 0
-            && self.kt % 4 == 0
+            && self.bm.is_multiple_of(8)
+            && self.bn.is_multiple_of(8)
+            && self.kt.is_multiple_of(4)
             && self.invocations() <= 256
     }
 
