@@ -11,6 +11,8 @@
 //! q8_0 / q4_0 weights against diffusers' f32 model (model b): moments 1.4e-2 / 0.36, decoded
 //! 3.6e-2 / 0.67 (bounds 0.1 / 1.0); against the same model with the weights dequantized to f32
 //! on the CPU: bit-identical (0), bound 2e-5.
+//! Tiled decode (diffusers' `enable_tiling()` with 4×4 / 3×3 latent tiles): 2.6e-6 / 2.5e-6
+//! (model a), 2.7e-6 / 2.4e-6 (model b), bound 2e-5.
 
 use crate::common::*;
 use loralab::io::safetensors::SafetensorsFile;
@@ -19,6 +21,7 @@ use loralab::model::checkpoint::open_path;
 use loralab::model::config::VaeConfig;
 use loralab::model::vae::{to_image_01, to_rgb8, AutoencoderKL, DiagonalGaussian, VaeParts};
 use loralab::model::vae_blocks::{attention_by_matmul, single_head_attention};
+use loralab::model::vae_tiling::{decoder_peak_tensor_bytes, needs_tiling, VaeTiling};
 use loralab::model::{SafetensorsSource, WeightPolicy, WeightSource};
 use loralab::ops::attention::reference;
 use loralab::quant::{nmse, round_trip, DType};
@@ -304,4 +307,48 @@ fn vae_errors_name_the_mismatch() {
 
 fn load_ok(gpu: &Gpu) -> AutoencoderKL {
     load(gpu, "tiny-sd15-a", DType::F32)
+}
+
+/// diffusers' tiled decode (refs/<model>/vae_tiled.safetensors): 4×4 latent tiles over 8×8
+/// latents (3×3 overlapping tiles) and 3×3 tiles over 8×11 latents, whose kept parts sum to a
+/// 70×82 image as diffusers' cropping gives. Same f32 bound as the untiled decode.
+fn tiled_parity(gpu: &Gpu, model: &str) {
+    let vae = load(gpu, model, DType::F32);
+    let r = refs(model, "vae_tiled");
+    let plain = refs(model, "vae");
+    let t4 = VaeTiling { tile_latent: 4, overlap: 0.25 };
+    let img = block(vae.decode_tiled(gpu, &upload(gpu, &plain, "latent_mean_scaled"), t4)).unwrap();
+    assert_eq!(img.shape(), &r.get("decoded_tiled_t4").unwrap().shape[..]);
+    check(&format!("{model} decode_tiled t4"), &read(gpu, &img), &r.read_f32("decoded_tiled_t4").unwrap(), F32_REL);
+    let t3 = VaeTiling { tile_latent: 3, overlap: 0.25 };
+    let img = block(vae.decode_unscaled_tiled(gpu, &upload(gpu, &r, "z_wide"), t3)).unwrap();
+    let want_shape = r.get("decoded_tiled_t3_wide").unwrap().shape.clone();
+    assert_eq!(img.shape(), &want_shape[..]);
+    check(&format!("{model} decode_unscaled_tiled t3 wide"), &read(gpu, &img), &r.read_f32("decoded_tiled_t3_wide").unwrap(), F32_REL);
+}
+
+#[test]
+fn vae_tiled_decode_matches_diffusers() {
+    let gpu = gpu();
+    tiled_parity(&gpu, "tiny-sd15-a");
+    tiled_parity(&gpu, "tiny-sd15-b");
+}
+
+#[test]
+fn vae_needs_tiling_for_sd15_512_under_128_mib() {
+    let gpu = gpu();
+    let sd15 = VaeConfig::sd15();
+    // Largest SD1.5 decoder tensor at 64×64 latents: 256 channels at 512×512 (256 MiB).
+    assert_eq!(decoder_peak_tensor_bytes(&sd15, 64, 64), 256 << 20);
+    let mut caps = gpu.caps().clone();
+    caps.max_storage_buffer_binding_size = 128 << 20;
+    assert!(needs_tiling(&sd15, &caps, 64, 64));
+    assert!(!needs_tiling(&sd15, &caps, 32, 32));
+    caps.max_storage_buffer_binding_size = 2 << 30;
+    assert!(!needs_tiling(&sd15, &caps, 64, 64));
+    let d = VaeTiling::diffusers_default(&sd15);
+    assert_eq!(d, VaeTiling { tile_latent: 64, overlap: 0.25 });
+    // The fixture VAEs (64×64 images) never need it on lavapipe.
+    let vae = load(&gpu, "tiny-sd15-a", DType::F32);
+    assert!(!vae.needs_tiling(gpu.caps(), 8, 8));
 }

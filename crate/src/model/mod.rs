@@ -13,6 +13,7 @@ pub mod random_weights;
 pub mod tokenizer;
 pub mod vae;
 pub mod vae_blocks;
+pub mod vae_tiling;
 pub mod weights;
 
 pub use tokenizer::ClipTokenizer;
