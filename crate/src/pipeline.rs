@@ -13,7 +13,8 @@
 //! 4. for every timestep: `scale_model_input`, the UNet, the guidance combination
 //!    `uncond + cfg · (cond − uncond)`, the sampler step (ε or v prediction as the scheduler
 //!    config says), then the progress callback with the new latents (`callback_on_step_end`);
-//! 5. `vae.decode(latents / scaling_factor)` and `(x / 2 + 0.5).clamp(0, 1)`.
+//! 5. `vae.decode(latents / scaling_factor)` (tiled as `vae.enable_tiling()` does when the adapter
+//!    cannot bind the whole decode's activations) and `(x / 2 + 0.5).clamp(0, 1)`.
 //!
 //! Randomness (when no initial latents are given): `crate::rng::Rng::new(seed)` draws the
 //! initial noise with `normal_vec(C·h·w)` (in NCHW order); the next `next_u64()` of the same
@@ -45,6 +46,7 @@ use crate::model::config::{ClipTextConfig, SampleSize, UNetConfig};
 use crate::model::tokenizer::ClipTokenizer;
 use crate::model::unet::UNet2DConditionModel;
 use crate::model::vae::{to_image_01, AutoencoderKL, VaeParts};
+use crate::model::vae_tiling::VaeTiling;
 use crate::model::weights::{WeightPolicy, WeightSource};
 use crate::quant::DType;
 use crate::rng::Rng;
@@ -170,6 +172,11 @@ pub struct GenerateOutput {
     pub latents_shape: [usize; 4],
     /// The timesteps run.
     pub timesteps: Vec<f32>,
+    /// The tiles the VAE decoded by, when the untiled decode's largest activation exceeds the
+    /// adapter's storage-binding limit ([`AutoencoderKL::needs_tiling`]): diffusers' default
+    /// tiles for the VAE config, shrunk until one tile fits ([`VaeTiling::for_adapter`]).
+    /// `None`: decoded whole.
+    pub vae_tiling: Option<VaeTiling>,
 }
 
 /// How a [`StableDiffusionPipeline`] holds its components between uses.
@@ -500,7 +507,12 @@ impl StableDiffusionPipeline {
 
         // 4. Decode.
         let z = Tensor::from_f32(gpu, &shape, &latents)?;
-        let image = self.vae.decode(gpu, &z)?;
+        let (caps, vae_config) = (gpu.caps(), self.vae.config());
+        let vae_tiling = self.vae.needs_tiling(caps, shape[2], shape[3]).then(|| VaeTiling::for_adapter(vae_config, caps));
+        let image = match vae_tiling {
+            Some(t) => self.vae.decode_tiled(gpu, &z, t).await?,
+            None => self.vae.decode(gpu, &z)?,
+        };
         let image_shape: [usize; 4] =
             image.shape().try_into().map_err(|_| invalid(format!("VAE output {:?} is not NCHW", image.shape())))?;
         let image = to_image_01(&image.to_f32(gpu).await?);
@@ -513,6 +525,7 @@ impl StableDiffusionPipeline {
             latents: steps_out,
             latents_shape: shape,
             timesteps,
+            vae_tiling,
         })
     }
 }

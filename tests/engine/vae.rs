@@ -324,7 +324,8 @@ fn tiled_parity(gpu: &Gpu, model: &str) {
     let img = block(vae.decode_unscaled_tiled(gpu, &upload(gpu, &r, "z_wide"), t3)).unwrap();
     let want_shape = r.get("decoded_tiled_t3_wide").unwrap().shape.clone();
     assert_eq!(img.shape(), &want_shape[..]);
-    check(&format!("{model} decode_unscaled_tiled t3 wide"), &read(gpu, &img), &r.read_f32("decoded_tiled_t3_wide").unwrap(), F32_REL);
+    let want = r.read_f32("decoded_tiled_t3_wide").unwrap();
+    check(&format!("{model} decode_unscaled_tiled t3 wide"), &read(gpu, &img), &want, F32_REL);
 }
 
 #[test]
@@ -348,6 +349,12 @@ fn vae_needs_tiling_for_sd15_512_under_128_mib() {
     assert!(!needs_tiling(&sd15, &caps, 64, 64));
     let d = VaeTiling::diffusers_default(&sd15);
     assert_eq!(d, VaeTiling { tile_latent: 64, overlap: 0.25 });
+    // diffusers' 64×64-latent tile is the whole 512×512 image: under 128 MiB the tile shrinks
+    // to the largest that fits (45: 256 channels × 360² × 4 B = 126.6 MiB).
+    caps.max_storage_buffer_binding_size = 128 << 20;
+    assert_eq!(VaeTiling::for_adapter(&sd15, &caps), VaeTiling { tile_latent: 45, overlap: 0.25 });
+    caps.max_storage_buffer_binding_size = 2 << 30;
+    assert_eq!(VaeTiling::for_adapter(&sd15, &caps), d);
     // The fixture VAEs (64×64 images) never need it on lavapipe.
     let vae = load(&gpu, "tiny-sd15-a", DType::F32);
     assert!(!vae.needs_tiling(gpu.caps(), 8, 8));

@@ -49,6 +49,18 @@ impl VaeTiling {
         let tile_latent = (sample / (1 << (config.levels() - 1))).max(1);
         Self { tile_latent, overlap: 0.25 }
     }
+
+    /// The tiling a decode on this adapter uses: [`Self::diffusers_default`] when one of its
+    /// tiles fits `max_storage_buffer_binding_size`, else the largest smaller square tile that
+    /// does. (For SD1.5 the default tile is a whole 512×512 image, so under a 128 MiB limit a
+    /// 512×512 decode runs in 45×45-latent tiles instead of 64×64.)
+    pub fn for_adapter(config: &VaeConfig, caps: &Caps) -> Self {
+        let mut t = Self::diffusers_default(config);
+        while t.tile_latent > 1 && needs_tiling(config, caps, t.tile_latent, t.tile_latent) {
+            t.tile_latent -= 1;
+        }
+        t
+    }
 }
 
 /// Bytes of the largest activation the decoder holds for latents `latent_h × latent_w` (batch

@@ -295,6 +295,10 @@ pub fn run(args: &[String]) -> Result<ExitCode, String> {
     };
     let out = pollster::block_on(pipe.generate(&gpu, &a.opts, &mut progress)).map_err(|e| e.to_string())?;
     eprintln!("generated in {:.2} s", t1.elapsed().as_secs_f64());
+    if let Some(t) = out.vae_tiling {
+        let n = t.tile_latent;
+        eprintln!("VAE decoded in {n}x{n}-latent tiles (overlap {}): the whole decode exceeds the adapter's binding limit", t.overlap);
+    }
 
     let [_, _, h, w] = out.image_shape;
     let text = parameters(&a, w, h);
