@@ -87,9 +87,12 @@ pub fn decoder_peak_tensor_bytes(config: &VaeConfig, latent_h: usize, latent_w: 
 }
 
 /// Whether a decode of `latent_h × latent_w` latents needs an activation larger than the
-/// adapter's `max_storage_buffer_binding_size`.
+/// adapter's `max_storage_buffer_binding_size` (or `max_buffer_size`, if smaller: the limit
+/// `Gpu::alloc` enforces). On lavapipe (128 MiB) the SD1.5 decoder allocates 45×45 latents
+/// and refuses 46×46, as this predicts.
 pub fn needs_tiling(config: &VaeConfig, caps: &Caps, latent_h: usize, latent_w: usize) -> bool {
-    decoder_peak_tensor_bytes(config, latent_h, latent_w) > caps.max_storage_buffer_binding_size
+    let limit = caps.max_storage_buffer_binding_size.min(caps.max_buffer_size);
+    decoder_peak_tensor_bytes(config, latent_h, latent_w) > limit
 }
 
 /// A decoded tile on the host: `[b, c, h, w]` row-major.
