@@ -272,7 +272,13 @@ async fn step(gpu: &Gpu, s: &BenchShapes, unet: &UNet2DConditionModel, ctx: &Ten
 async fn decode(gpu: &Gpu, s: &BenchShapes, vae: &AutoencoderKL, latents: &[f32]) -> Result<Vec<f32>> {
     let [_, c, h, w] = s.latents;
     let z = Tensor::from_f32(gpu, &[1, c, h, w], &latents[..c * h * w])?;
-    let image = vae.decode(gpu, &z)?;
+    // As the pipeline does: in tiles when the adapter cannot bind the whole decode.
+    let image = if vae.needs_tiling(gpu.caps(), h, w) {
+        let tiling = crate::model::vae_tiling::VaeTiling::for_adapter(vae.config(), gpu.caps());
+        vae.decode_tiled(gpu, &z, tiling).await?
+    } else {
+        vae.decode(gpu, &z)?
+    };
     image.to_f32(gpu).await
 }
 
