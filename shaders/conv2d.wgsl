@@ -10,7 +10,10 @@
 // - the epilogue writes four consecutive pixels of one channel, plus bias[co].
 // Valued defines: BM, BN (multiples of 8, (BM/8)·(BN/8) <= 256), KT (multiple of 4), and the
 // kernel size KH, KW (constants, so decoding k = (ci, ky, kx) divides by constants).
-// Flags: one weight type (W_F32 | W_F16 | W_Q8_0+W_QUANT | W_Q4_0+W_QUANT); BIAS.
+// Flags: one weight type (W_F32 | W_F16 | W_Q8_0+W_QUANT | W_Q4_0+W_QUANT); BIAS; ADAPTER
+// (unmerged adapters on W, common/adapter.wgsl: scales and extra terms while staging W, then R
+// more reduction steps with A = up · col_scale and B = lr_t, the low-rank activations
+// [B, R, Ho, Wo] of the stacked down convolutions, plus a bias delta).
 
 struct Params {
     cin: u32,      // input channels
@@ -24,6 +27,9 @@ struct Params {
     k: u32,        // cin*kh*kw (columns of W)
     n: u32,        // batch*ho*wo (columns of C)
     m_tiles: u32,  // workgroup tiles along cout (ceil(Cout / BM))
+#ifdef ADAPTER
+    @align(16) ad: AdapterParams,  // word offsets into `ad` (common/adapter.wgsl), at word 12
+#endif
 }
 
 @group(0) @binding(0) var<uniform> p: Params;
@@ -40,9 +46,16 @@ struct Params {
 @group(0) @binding(4) var<storage, read> bias: array<f32>;       // (Cout)
 #endif
 @group(0) @binding(5) var<storage, read_write> y: array<f32>;    // (B, Cout, Ho, Wo)
+#ifdef ADAPTER
+@group(0) @binding(6) var<storage, read> lr_t: array<f32>;       // (B, R, Ho, Wo)
+@group(0) @binding(7) var<storage, read> ad: array<u32>;         // packed adapter data
+#endif
 
 #include "common/weights.wgsl"
 #include "common/gemm.wgsl"
+#ifdef ADAPTER
+#include "common/adapter.wgsl"
+#endif
 
 // When WG is a multiple of TN, every invocation gathers the same pixel quad in every slice, so
 // it is decoded once.
@@ -87,6 +100,24 @@ fn gather4(qd: Quad, k: u32) -> vec4<f32> {
     return select(vec4<f32>(0.0), vec4<f32>(x[e.x], x[e.y], x[e.z], x[e.w]), ok);
 }
 
+#ifdef ADAPTER
+// Low-rank activations of column j for pixels n .. n+3 (0 past N or R).
+fn lowrank_pixels4(n: u32, j: u32) -> vec4<f32> {
+    var v = vec4<f32>(0.0);
+    if (j >= p.ad.rank) {
+        return v;
+    }
+    let howo = p.ho * p.wo;
+    for (var q = 0u; q < 4u; q++) {
+        let pix = n + q;
+        if (pix < p.n) {
+            v[q] = lr_t[(pix / howo) * (p.ad.rank * howo) + j * howo + pix % howo];
+        }
+    }
+    return v;
+}
+#endif
+
 // Writes acc (+ bias) to channel co, pixels n .. n+3 (offsets `offs` within channel 0),
 // skipping channels past Cout and pixels past N.
 fn store4(co: u32, n: u32, offs: vec4<u32>, acc: vec4<f32>) {
@@ -96,6 +127,9 @@ fn store4(co: u32, n: u32, offs: vec4<u32>, acc: vec4<f32>) {
     var v = acc;
 #ifdef BIAS
     v += bias[co];
+#endif
+#ifdef ADAPTER
+    v += ad_bias1(co);
 #endif
     let e = offs + co * (p.ho * p.wo);
     for (var j = 0u; j < 4u; j++) {
@@ -136,6 +170,9 @@ fn conv2d(@builtin(workgroup_id) wg: vec3<u32>, @builtin(num_workgroups) nwg: ve
             var v = vec4<f32>(0.0);
             if (m0 + mm < p.cout) {
                 v = w_at4(m0 + mm, k0 + kk, p.k);
+#ifdef ADAPTER
+                v = adapt_w4_row(m0 + mm, k0 + kk, p.k, v);
+#endif
             }
             stage_a_k4(mm, kk, v);
         }
@@ -151,6 +188,22 @@ fn conv2d(@builtin(workgroup_id) wg: vec3<u32>, @builtin(num_workgroups) nwg: ve
         gemm_slice(&acc, tx, ty);
         workgroupBarrier();
     }
+#ifdef ADAPTER
+    // The low-rank part: R more reduction steps, A = up · col_scale (Cout, R), B = lr_t.
+    for (var j0 = 0u; j0 < p.ad.rank; j0 += KT) {
+        for (var i = lid; i < BM * KC; i += WG) {
+            let mm = i / KC;
+            let kk = (i % KC) * 4u;
+            stage_a_k4(mm, kk, lowrank_up4(m0 + mm, j0 + kk, p.cout));
+        }
+        for (var i = lid; i < KT * TN; i += WG) {
+            stage_b_n4(i / TN, i % TN, lowrank_pixels4(n0 + 4u * (i % TN), j0 + i / TN));
+        }
+        workgroupBarrier();
+        gemm_slice(&acc, tx, ty);
+        workgroupBarrier();
+    }
+#endif
 
     let co = m0 + ty * 8u;
     let n = n0 + tx * 8u;

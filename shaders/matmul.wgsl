@@ -10,6 +10,9 @@
 // 8×8 block of C in registers (the GEMM core in common/gemm.wgsl, shared with conv2d.wgsl).
 // Weights are dequantized while staging, four values per load. A_VEC4 (K a multiple of 4)
 // reads A four values at a time.
+// ADAPTER applies unmerged adapters to B (a weight, N columns of C) inside the kernel:
+// scales and extra terms while staging, then R more reduction steps over the low-rank
+// activations lr_t (batch, M, R) and up [N, R] (common/adapter.wgsl), plus a bias delta.
 // Valued defines: BM, BN (multiples of 8, (BM/8)·(BN/8) <= 256), KT (multiple of 4).
 
 struct Params {
@@ -21,6 +24,9 @@ struct Params {
     tiles_m: u32, // ceil(M / BM)
     b_rows: u32,  // weight rows per batch (0: one weight shared by all batches)
     alpha: f32,
+#ifdef ADAPTER
+    @align(16) ad: AdapterParams,  // word offsets into `ad` (common/adapter.wgsl)
+#endif
 }
 
 @group(0) @binding(0) var<uniform> p: Params;
@@ -41,9 +47,16 @@ struct Params {
 @group(0) @binding(4) var<storage, read> bias: array<f32>;           // (N)
 #endif
 @group(0) @binding(5) var<storage, read_write> c: array<f32>;        // (batch, M, N)
+#ifdef ADAPTER
+@group(0) @binding(6) var<storage, read> lr_t: array<f32>;           // (batch, M, R)
+@group(0) @binding(7) var<storage, read> ad: array<u32>;             // packed adapter data
+#endif
 
 #include "common/weights.wgsl"
 #include "common/gemm.wgsl"
+#ifdef ADAPTER
+#include "common/adapter.wgsl"
+#endif
 
 // A values (row, col .. col+3) of the batch matrix starting at `base`; 0 outside (M, K).
 fn a_at4(base: u32, row: u32, col: u32) -> vec4<f32> {
@@ -67,7 +80,7 @@ fn a_at4(base: u32, row: u32, col: u32) -> vec4<f32> {
 #endif
 }
 
-// Bias of columns col .. col+3 (0 without BIAS or past N).
+// Bias of columns col .. col+3 (0 without BIAS or past N), plus the adapters' bias delta.
 fn bias4(col: u32) -> vec4<f32> {
     var v = vec4<f32>(0.0);
 #ifdef BIAS
@@ -77,8 +90,27 @@ fn bias4(col: u32) -> vec4<f32> {
         }
     }
 #endif
+#ifdef ADAPTER
+    v += ad_bias4(col, p.n);
+#endif
     return v;
 }
+
+#ifdef ADAPTER
+// Low-rank activations (row, j .. j+3) of the batch matrix starting at `base`; 0 outside (M, R).
+fn lowrank_a4(base: u32, row: u32, j: u32) -> vec4<f32> {
+    var v = vec4<f32>(0.0);
+    if (row >= p.m) {
+        return v;
+    }
+    for (var q = 0u; q < 4u; q++) {
+        if (j + q < p.ad.rank) {
+            v[q] = lr_t[base + row * p.ad.rank + j + q];
+        }
+    }
+    return v;
+}
+#endif
 
 // Writes alpha·acc + add to C (row, col .. col+3), skipping what lies outside (M, N).
 fn store4(c_base: u32, row: u32, col: u32, acc: vec4<f32>, add: vec4<f32>) {
@@ -130,6 +162,9 @@ fn matmul(@builtin(workgroup_id) wg: vec3<u32>, @builtin(num_workgroups) nwg: ve
             var v = vec4<f32>(0.0);
             if (n0 + nn < p.n) {
                 v = w_at4(w_row0 + n0 + nn, k0 + kk, p.k);
+#ifdef ADAPTER
+                v = adapt_w4_row(n0 + nn, k0 + kk, p.k, v);
+#endif
             }
             stage_b_k4(nn, kk, v);
         }
@@ -141,6 +176,9 @@ fn matmul(@builtin(workgroup_id) wg: vec3<u32>, @builtin(num_workgroups) nwg: ve
             var v = vec4<f32>(0.0);
             if (k0 + kk < p.k) {
                 v = w_at4(w_row0 + k0 + kk, n0 + nn, p.n);
+#ifdef ADAPTER
+                v = adapt_w4_col(n0 + nn, k0 + kk, p.k, p.n, v);
+#endif
             }
             stage_b_n4(kk, i % TN, v);
         }
@@ -149,6 +187,24 @@ fn matmul(@builtin(workgroup_id) wg: vec3<u32>, @builtin(num_workgroups) nwg: ve
         gemm_slice(&acc, tx, ty);
         workgroupBarrier();
     }
+#ifdef ADAPTER
+    // The low-rank part: R more reduction steps, A = lr_t (M, R), B = (up · col_scale)ᵀ.
+    for (var j0 = 0u; j0 < p.ad.rank; j0 += KT) {
+        for (var i = lid; i < BM * KC; i += WG) {
+            let mm = i / KC;
+            let kk = (i % KC) * 4u;
+            stage_a_k4(mm, kk, lowrank_a4(bat * p.m * p.ad.rank, m0 + mm, j0 + kk));
+        }
+        for (var i = lid; i < BN * KC; i += WG) {
+            let nn = i / KC;
+            let kk = (i % KC) * 4u;
+            stage_b_k4(nn, kk, lowrank_up4(n0 + nn, j0 + kk, p.n));
+        }
+        workgroupBarrier();
+        gemm_slice(&acc, tx, ty);
+        workgroupBarrier();
+    }
+#endif
 
     let c_base = bat * p.m * p.n;
     let r = m0 + ty * 8u;

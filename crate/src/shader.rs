@@ -55,6 +55,14 @@ pub static COMMON: &[ShaderSource] = &[
         entries: &[],
         top_level: false,
     },
+    ShaderSource {
+        name: "common/adapter.wgsl",
+        source: wgsl!("common/adapter.wgsl"),
+        flag_axes: &[],
+        values: &[],
+        entries: &[],
+        top_level: false,
+    },
 ];
 
 /// The weight storage axis of kernels that read weights through `common/weights.wgsl`.

@@ -2,6 +2,7 @@
 //! CI), with and without the optional features, plus naga validation of every shader variant.
 //! A missing adapter fails these tests; it never skips them.
 
+mod adapter_kernels;
 mod attention;
 mod bench_unet;
 mod checkpoint;

@@ -5,6 +5,7 @@
 //! stored as (f32, f16, q8_0 or q4_0, dequantized while the kernel loads its tile); the input
 //! is gathered im2col-style on the fly, never materialised.
 
+use super::adapter::Operands;
 use super::Params;
 use crate::error::{shape_err, Error, Result};
 use crate::gpu::{Bind, Gpu};
@@ -16,7 +17,7 @@ const SHADER: &str = "conv2d.wgsl";
 pub static SHADERS: &[ShaderSource] = &[ShaderSource {
     name: SHADER,
     source: crate::wgsl!("conv2d.wgsl"),
-    flag_axes: &[WEIGHT_AXIS, &["", "BIAS"]],
+    flag_axes: &[WEIGHT_AXIS, &["", "BIAS"], &["", "ADAPTER"]],
     values: &[("BM", "64u"), ("BN", "64u"), ("KT", "32u"), ("KH", "3u"), ("KW", "3u")],
     entries: &["conv2d"],
     top_level: true,
@@ -101,6 +102,21 @@ pub fn conv2d(
     conv2d_with(gpu, x, w, bias, p, tiles)
 }
 
+/// [`conv2d`] with unmerged adapters on `w` (`ops::adapter`): the kernel applies the adapter
+/// terms while staging the weight and adds the low-rank part from `ad.lowrank`
+/// (`[B, R, Ho, Wo]`, the stacked down convolutions of `x`).
+pub fn conv2d_adapted(
+    gpu: &Gpu,
+    x: &Tensor,
+    w: &Tensor,
+    bias: Option<&Tensor>,
+    p: Conv2dParams,
+    ad: &Operands<'_>,
+) -> Result<Tensor> {
+    let tiles = Tiles::choose(gpu.caps(), w.shape().first().copied().unwrap_or(1));
+    conv2d_inner(gpu, x, w, bias, p, tiles, Some(ad))
+}
+
 /// [`conv2d`] with explicit tiling (for tests and benchmarks).
 pub fn conv2d_with(
     gpu: &Gpu,
@@ -109,6 +125,18 @@ pub fn conv2d_with(
     bias: Option<&Tensor>,
     p: Conv2dParams,
     tiles: Tiles,
+) -> Result<Tensor> {
+    conv2d_inner(gpu, x, w, bias, p, tiles, None)
+}
+
+fn conv2d_inner(
+    gpu: &Gpu,
+    x: &Tensor,
+    w: &Tensor,
+    bias: Option<&Tensor>,
+    p: Conv2dParams,
+    tiles: Tiles,
+    adapter: Option<&Operands<'_>>,
 ) -> Result<Tensor> {
     let out = check(x, w, bias, p)?;
     if !tiles.fits(gpu.caps())
@@ -121,6 +149,9 @@ pub fn conv2d_with(
     let (ho, wo) = (out[2], out[3]);
     let k = cin * kh * kw;
     let n = out[0] * ho * wo;
+    if let Some(ad) = adapter {
+        ad.check_conv(out)?;
+    }
     let y = Tensor::empty(gpu, &out)?;
     let m_tiles = cout.div_ceil(tiles.bm);
     let n_tiles = n.div_ceil(tiles.bn);
@@ -131,8 +162,10 @@ pub fn conv2d_with(
         .defines()
         .value("KH", format!("{kh}u"))
         .value("KW", format!("{kw}u"));
-    let defines = shader::weight_defines(defines, w.dtype()).flag_if("BIAS", bias.is_some());
-    let params = Params::new()
+    let defines = shader::weight_defines(defines, w.dtype())
+        .flag_if("BIAS", bias.is_some())
+        .flag_if("ADAPTER", adapter.is_some());
+    let mut params = Params::new()
         .u(cin)
         .u(h)
         .u(wd)
@@ -152,6 +185,10 @@ pub fn conv2d_with(
         binds.push((4, bt.buffer()));
     }
     binds.push((5, y.buffer()));
+    if let Some(ad) = adapter {
+        params = ad.append(params.u(0));
+        ad.bind(&mut binds);
+    }
     gpu.dispatch(SHADER, "conv2d", &defines, &params.0, &binds, gpu.grid(groups))?;
     Ok(y)
 }

@@ -6,6 +6,7 @@
 //! PyTorch's `nn.Linear`: `y = x·Wᵀ + b` with `W: [N, K]`. Weights are dequantized while the
 //! kernel stages them in workgroup memory; there is no separate dequantization pass.
 
+use super::adapter::Operands;
 use super::{groups, Params};
 use crate::error::{shape_err, Error, Result};
 use crate::gpu::Gpu;
@@ -18,7 +19,7 @@ const SHADER: &str = "matmul.wgsl";
 pub static SHADERS: &[ShaderSource] = &[ShaderSource {
     name: SHADER,
     source: crate::wgsl!("matmul.wgsl"),
-    flag_axes: &[WEIGHT_AXIS, &["", "TRANS_B"], &["", "BIAS"], &["", "A_VEC4"]],
+    flag_axes: &[WEIGHT_AXIS, &["", "TRANS_B"], &["", "BIAS"], &["", "A_VEC4"], &["", "ADAPTER"]],
     values: &[("BM", "64u"), ("BN", "64u"), ("KT", "32u")],
     entries: &["matmul"],
     top_level: true,
@@ -55,6 +56,42 @@ pub fn matmul_tiled(
     b: &Tensor,
     opts: MatmulOpts<'_>,
     tiles: Tiles,
+) -> Result<Tensor> {
+    matmul_inner(gpu, a, b, opts, tiles, None)
+}
+
+/// `y = x·W'ᵀ + b'` for a weight `W₀ [N, K]` with unmerged adapters (`ops::adapter`): the
+/// kernel applies the adapter terms while staging W₀ and adds the low-rank part from
+/// `ad.lowrank` (`[..., R]`, the stacked down projections of `x`).
+pub fn linear_adapted(
+    gpu: &Gpu,
+    x: &Tensor,
+    w: &Tensor,
+    bias: Option<&Tensor>,
+    ad: &Operands<'_>,
+) -> Result<Tensor> {
+    let (rows, k, n, lead) = linear_dims(x, w)?;
+    let x2 = x.reshape(&[rows, k])?;
+    let y = matmul_inner(
+        gpu,
+        &x2,
+        w,
+        MatmulOpts { trans_b: true, bias, alpha: 1.0 },
+        Tiles::for_caps(gpu.caps()),
+        Some(ad),
+    )?;
+    let mut shape = lead;
+    shape.push(n);
+    y.reshape(&shape)
+}
+
+fn matmul_inner(
+    gpu: &Gpu,
+    a: &Tensor,
+    b: &Tensor,
+    opts: MatmulOpts<'_>,
+    tiles: Tiles,
+    adapter: Option<&Operands<'_>>,
 ) -> Result<Tensor> {
     const OP: &str = "matmul";
     a.expect_f32(OP)?;
@@ -110,6 +147,13 @@ pub fn matmul_tiled(
         return Err(shape_err(OP, format!("A {:?} × B {:?} exceeds 2^32 elements", a.shape(), b.shape())));
     }
 
+    if let Some(ad) = adapter {
+        if b_rows != 0 {
+            return Err(shape_err(OP, "adapters apply to a weight matrix, not a batched B".to_string()));
+        }
+        ad.check(OP, batch * m, n)?;
+    }
+
     let mut out_shape = lead.to_vec();
     out_shape.extend([m, n]);
     let c = Tensor::empty(gpu, &out_shape)?;
@@ -118,12 +162,13 @@ pub fn matmul_tiled(
             .defines()
             .flag_if("TRANS_B", opts.trans_b)
             .flag_if("BIAS", opts.bias.is_some())
-            .flag_if("A_VEC4", k % 4 == 0),
+            .flag_if("A_VEC4", k % 4 == 0)
+            .flag_if("ADAPTER", adapter.is_some()),
         b.dtype(),
     );
     let tiles_n = n.div_ceil(tiles.bn);
     let tiles_m = m.div_ceil(tiles.bm);
-    let params = Params::new()
+    let mut params = Params::new()
         .u(m)
         .u(n)
         .u(k)
@@ -140,6 +185,10 @@ pub fn matmul_tiled(
         binds.push((4, bias.buffer()));
     }
     binds.push((5, c.buffer()));
+    if let Some(ad) = adapter {
+        params = ad.append(params);
+        ad.bind(&mut binds);
+    }
     let workgroups = tiles_n * tiles_m * batch;
     gpu.dispatch(SHADER, "matmul", &defines, &params.0, &binds, gpu.grid(groups(workgroups, 1)))?;
     Ok(c)
@@ -148,6 +197,14 @@ pub fn matmul_tiled(
 /// PyTorch's `nn.Linear`: `y = x·Wᵀ + b` for `x: [..., K]` (f32), `w: [N, K]` (any storage
 /// type), `bias: [N]` (f32); `y: [..., N]`.
 pub fn linear(gpu: &Gpu, x: &Tensor, w: &Tensor, bias: Option<&Tensor>) -> Result<Tensor> {
+    let (rows, k, n, mut shape) = linear_dims(x, w)?;
+    let y = matmul(gpu, &x.reshape(&[rows, k])?, w, MatmulOpts { trans_b: true, bias, alpha: 1.0 })?;
+    shape.push(n);
+    y.reshape(&shape)
+}
+
+/// (rows, K, N, leading dims) of `x [..., K]` times `w [N, K]`ᵀ.
+fn linear_dims(x: &Tensor, w: &Tensor) -> Result<(usize, usize, usize, Vec<usize>)> {
     const OP: &str = "linear";
     x.expect_f32(OP)?;
     if x.rank() < 1 || w.rank() != 2 {
@@ -157,12 +214,9 @@ pub fn linear(gpu: &Gpu, x: &Tensor, w: &Tensor, bias: Option<&Tensor>) -> Resul
     if x.dim(-1) != k {
         return Err(shape_err(OP, format!("x {:?} has K = {} but w {:?} has K = {k}", x.shape(), x.dim(-1), w.shape())));
     }
-    let lead = &x.shape()[..x.rank() - 1];
+    let lead = x.shape()[..x.rank() - 1].to_vec();
     let rows: usize = lead.iter().product();
-    let y = matmul(gpu, &x.reshape(&[rows, k])?, w, MatmulOpts { trans_b: true, bias, alpha: 1.0 })?;
-    let mut shape = lead.to_vec();
-    shape.push(n);
-    y.reshape(&shape)
+    Ok((rows, k, n, lead))
 }
 
 /// CPU references with f64 accumulation, on f32 (already dequantized) operands.

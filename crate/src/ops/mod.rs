@@ -1,6 +1,7 @@
 //! Kernels. Each op family is one WGSL file in `shaders/`, one Rust module here with the
 //! GPU constructor and its CPU reference (`reference`), and tests in `tests/engine/`.
 
+pub mod adapter;
 pub mod attention;
 pub mod conv;
 pub mod elementwise;
