@@ -6,6 +6,7 @@ pub mod bench;
 pub mod error;
 pub mod gpu;
 pub mod io;
+pub mod lora;
 pub mod model;
 pub mod nn;
 pub mod ops;
