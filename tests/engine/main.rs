@@ -11,6 +11,8 @@ mod common;
 mod conv;
 mod elementwise;
 mod layout;
+mod lora_merge;
+mod lora_parse;
 mod matmul;
 mod norm;
 mod pipeline;

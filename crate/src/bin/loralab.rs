@@ -3,6 +3,10 @@
 
 #[path = "loralab/generate.rs"]
 mod generate;
+#[path = "loralab/lora.rs"]
+mod lora;
+#[path = "loralab/merge.rs"]
+mod merge;
 
 use loralab::selftest::{self, DeviceInfo, SelfTestReport};
 use loralab::{Gpu, GpuOptions};
@@ -22,7 +26,7 @@ Usage:
                                         one SD1.5 UNet step (64x64 latents, batch 2) per weight type
                                         with random weights: time and peak memory, plus the whole
                                         512x512 pipeline's peak memory
-{GENERATE}  loralab help                          this text
+{GENERATE}{LORA}{MERGE}  loralab help                          this text
 
 Options:
   --json    machine-readable output on stdout
@@ -35,7 +39,7 @@ Environment:
 ";
 
 fn usage() -> String {
-    USAGE.replace("{GENERATE}", generate::USAGE)
+    USAGE.replace("{GENERATE}", generate::USAGE).replace("{LORA}", lora::USAGE).replace("{MERGE}", merge::USAGE)
 }
 
 /// Options shared by the subcommands.
@@ -327,6 +331,8 @@ fn main() -> ExitCode {
         "selftest" | "self-test" => run_selftest(rest),
         "bench" => run_bench(rest),
         "generate" => generate::run(rest),
+        "lora" => lora::run(rest),
+        "merge" => merge::run(rest),
         "help" | "--help" | "-h" => {
             out(&usage());
             Ok(ExitCode::SUCCESS)
@@ -341,7 +347,7 @@ fn main() -> ExitCode {
         Err(msg) => {
             eprintln!("loralab: {msg}");
             // Bad options are usage errors (2); a missing GPU or failed run is 1.
-            if msg.contains("unknown option") || msg.contains("needs a") || msg.contains("expected a") || msg.contains("unknown suite") {
+            if msg.contains("unknown option") || msg.contains("needs a") || msg.contains("expected a") || msg.contains("unknown suite") || msg.contains("unknown subcommand") {
                 ExitCode::from(2)
             } else {
                 ExitCode::from(1)

@@ -4,6 +4,7 @@
 
 pub mod png;
 pub mod safetensors;
+pub mod safetensors_write;
 
 use crate::error::{Error, Result};
 use std::sync::Arc;

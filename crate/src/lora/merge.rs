@@ -55,10 +55,9 @@ pub fn merged_weight(
     let (rows, cols) = (layer.out_dim(), layer.cols());
     let w: Vec<f64> = base.data.iter().map(|&v| v as f64).collect();
     let mut acc = w.clone();
-    let mut bias: Option<Vec<f64>> = base_bias.map(|b| b.data.iter().map(|&v| v as f64).collect());
-    if let Some(b) = &bias {
-        if b.len() != rows {
-            return Err(invalid(format!("base bias has {} values but the layer has {rows} outputs", b.len())));
+    if let Some(b) = base_bias {
+        if b.numel() != rows {
+            return Err(invalid(format!("base bias has {} values but the layer has {rows} outputs", b.numel())));
         }
     }
     for &(a, s) in adapters {
@@ -108,26 +107,35 @@ pub fn merged_weight(
                         }
                     }
                 }
-                if let (Some(db), Some(b)) = (delta.delta_bias(), bias.as_mut()) {
-                    if db.numel() != b.len() {
-                        return Err(invalid(format!(
-                            "adapter `{}`: bias diff has {} values but `{}` has {} outputs",
-                            a.key,
-                            db.numel(),
-                            a.module,
-                            b.len()
-                        )));
-                    }
-                    for (o, &d) in b.iter_mut().zip(&db.data) {
-                        *o += s * d as f64;
-                    }
-                }
             }
         }
     }
     let weight = HostTensor { shape: base.shape.clone(), data: acc.into_iter().map(|v| v as f32).collect() };
-    let bias = bias.map(|b| HostTensor { shape: vec![b.len()], data: b.into_iter().map(|v| v as f32).collect() });
+    let bias = base_bias.map(|b| merged_bias(adapters, b)).transpose()?;
     Ok((weight, bias))
+}
+
+/// The bias a stack of adapters gives a layer whose bias is `base_bias` (the bias part of
+/// [`merged_weight`]): `b + Σᵢ sᵢ·Δbᵢ` over LyCORIS `diff_b` and `b_norm`; the other
+/// algorithms leave the bias unchanged.
+pub fn merged_bias(adapters: &[(&LayerAdapter, f32)], base_bias: &HostTensor) -> Result<HostTensor> {
+    let mut b: Vec<f64> = base_bias.data.iter().map(|&v| v as f64).collect();
+    for &(a, s) in adapters {
+        let Some(db) = a.delta.delta_bias().filter(|_| s != 0.0) else { continue };
+        if db.numel() != b.len() {
+            return Err(invalid(format!(
+                "adapter `{}`: bias diff has {} values but `{}` has {} outputs",
+                a.key,
+                db.numel(),
+                a.module,
+                b.len()
+            )));
+        }
+        for (o, &d) in b.iter_mut().zip(&db.data) {
+            *o += s as f64 * d as f64;
+        }
+    }
+    Ok(HostTensor { shape: base_bias.shape.clone(), data: b.into_iter().map(|v| v as f32).collect() })
 }
 
 /// The weight one DoRA adapter gives at strength `s` (see [`merged_weight`]); `w` and `dw` are

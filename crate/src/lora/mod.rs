@@ -10,12 +10,14 @@
 //!   model; nothing matching (an SDXL file on SD1.5) is an error with counts and examples.
 //! - [`Delta::delta_weight`] and [`merged_weight`]: ΔW and the adapted weight, accumulated in
 //!   f64; the definition the GPU path is tested against.
+//! - [`fuse`]: merging adapters into a model and writing it, one tensor at a time.
 //!
 //! Formats and the maths follow the writers' own code: LyCORIS 4.1.3 `modules/*.py` and
 //! `functional/*.py`, PEFT 0.21 `tuners/lora/{layer,dora,variants}.py`, diffusers 0.42
 //! `loaders/lora_conversion_utils.py` and `utils/peft_utils.py` (see the docs of each item).
 
 mod delta;
+pub mod fuse;
 mod layers;
 mod merge;
 mod metadata;
@@ -25,7 +27,7 @@ mod pattern;
 mod summary;
 
 pub use layers::{match_model, LayerInfo, LayerShape, MatchReport, ModelLayers};
-pub use merge::merged_weight;
+pub use merge::{merged_bias, merged_weight};
 pub use metadata::{Metadata, PeftConfig};
 pub use names::{kohya_to_dotted, BaseModel};
 pub use parse::{open_lora, read_lora, read_lora_for};
@@ -258,7 +260,7 @@ pub enum Format {
 
 /// An adapter algorithm present in a file.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize)]
-#[serde(rename_all = "snake_case")]
+#[serde(rename_all = "lowercase")]
 pub enum Algorithm {
     /// Low-rank on linear layers (and 1×1 convolutions).
     Lora,
