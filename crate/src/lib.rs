@@ -2,6 +2,7 @@
 //! kernels. Runs natively (Vulkan / Metal / DX12 / GL through wgpu) and in the browser
 //! (wasm32 + WebGPU); this crate has no browser dependencies.
 
+pub mod adapter;
 pub mod bench;
 pub mod error;
 pub mod gpu;

@@ -6,12 +6,18 @@
 //! Parameters load by name from a [`WeightSource`] below a module prefix (`"a.b"` →
 //! `"a.b.weight"`, `"a.b.bias"`); weight matrices are stored as the policy's matrix type,
 //! biases and norm parameters as its vector type (f32).
+//!
+//! Each layer remembers its module path (`name`, the prefix it was loaded under, which is
+//! diffusers' module path) and can carry adapters ([`crate::adapter`]): installed through
+//! [`VisitLayers`], applied inside the kernels at every forward call, removed without touching
+//! the base weights.
 
+use crate::adapter::{LayerAdapters, NormAdapters};
 use crate::error::{shape_err, Result};
 use crate::gpu::Gpu;
 use crate::model::weights::{WeightPolicy, WeightSource};
-use crate::ops::conv::{conv2d, Conv2dParams};
-use crate::ops::matmul::linear;
+use crate::ops::conv::{conv2d, conv2d_adapted, Conv2dParams};
+use crate::ops::matmul::{linear, linear_adapted};
 use crate::ops::norm::{group_norm, layer_norm};
 use crate::tensor::Tensor;
 
@@ -35,6 +41,10 @@ pub fn join(prefix: &str, name: &str) -> String {
 pub struct Linear {
     pub weight: Tensor,
     pub bias: Option<Tensor>,
+    /// Module path (`"down_blocks.0.attentions.0.proj_in"`).
+    pub name: String,
+    /// Unmerged adapters applied in the kernel.
+    pub adapters: Option<LayerAdapters>,
 }
 
 impl Linear {
@@ -50,12 +60,21 @@ impl Linear {
     ) -> Result<Self> {
         let weight = src.load(gpu, &join(prefix, "weight"), &[dout, din], policy.matrix())?;
         let bias = if bias { Some(src.load(gpu, &join(prefix, "bias"), &[dout], policy.vector())?) } else { None };
-        Ok(Self { weight, bias })
+        Ok(Self { weight, bias, name: prefix.to_string(), adapters: None })
     }
 
     /// `x: [..., in]` → `[..., out]`.
     pub fn forward(&self, gpu: &Gpu, x: &Tensor) -> Result<Tensor> {
-        linear(gpu, x, &self.weight, self.bias.as_ref())
+        match self.adapters.as_ref().filter(|a| a.is_active()) {
+            None => linear(gpu, x, &self.weight, self.bias.as_ref()),
+            Some(a) => {
+                let t = match a.down() {
+                    Some(down) => Some(linear(gpu, x, down, None)?),
+                    None => None,
+                };
+                linear_adapted(gpu, x, &self.weight, self.bias.as_ref(), &a.operands(t.as_ref()))
+            }
+        }
     }
 
     pub fn in_features(&self) -> usize {
@@ -73,6 +92,10 @@ pub struct Conv2d {
     pub weight: Tensor,
     pub bias: Option<Tensor>,
     pub params: Conv2dParams,
+    /// Module path (`"down_blocks.0.resnets.0.conv1"`).
+    pub name: String,
+    /// Unmerged adapters applied in the kernel.
+    pub adapters: Option<LayerAdapters>,
 }
 
 impl Conv2d {
@@ -90,12 +113,21 @@ impl Conv2d {
     ) -> Result<Self> {
         let weight = src.load(gpu, &join(prefix, "weight"), &[cout, cin, kernel, kernel], policy.matrix())?;
         let bias = Some(src.load(gpu, &join(prefix, "bias"), &[cout], policy.vector())?);
-        Ok(Self { weight, bias, params })
+        Ok(Self { weight, bias, params, name: prefix.to_string(), adapters: None })
     }
 
     /// `x: [B, cin, H, W]` → `[B, cout, Ho, Wo]`.
     pub fn forward(&self, gpu: &Gpu, x: &Tensor) -> Result<Tensor> {
-        conv2d(gpu, x, &self.weight, self.bias.as_ref(), self.params)
+        match self.adapters.as_ref().filter(|a| a.is_active()) {
+            None => conv2d(gpu, x, &self.weight, self.bias.as_ref(), self.params),
+            Some(a) => {
+                let t = match a.down() {
+                    Some(down) => Some(conv2d(gpu, x, down, None, self.params)?),
+                    None => None,
+                };
+                conv2d_adapted(gpu, x, &self.weight, self.bias.as_ref(), self.params, &a.operands(t.as_ref()))
+            }
+        }
     }
 
     pub fn out_channels(&self) -> usize {
@@ -110,6 +142,10 @@ pub struct GroupNorm {
     pub bias: Tensor,
     pub groups: usize,
     pub eps: f32,
+    /// Module path.
+    pub name: String,
+    /// Adapted affine parameters (norm-layer diffs), used instead of `weight`/`bias`.
+    pub adapters: Option<NormAdapters>,
 }
 
 impl GroupNorm {
@@ -133,12 +169,18 @@ impl GroupNorm {
             bias: src.load(gpu, &join(prefix, "bias"), &[channels], policy.vector())?,
             groups,
             eps,
+            name: prefix.to_string(),
+            adapters: None,
         })
     }
 
     /// `x: [B, C, *spatial]`, normalised per group, then SiLU when `silu` is set.
     pub fn forward(&self, gpu: &Gpu, x: &Tensor, silu: bool) -> Result<Tensor> {
-        group_norm(gpu, x, self.groups, Some(&self.weight), Some(&self.bias), self.eps, silu)
+        let (w, b) = match self.adapters.as_ref().filter(|a| a.is_active()) {
+            Some(a) => (&a.weight, &a.bias),
+            None => (&self.weight, &self.bias),
+        };
+        group_norm(gpu, x, self.groups, Some(w), Some(b), self.eps, silu)
     }
 }
 
@@ -147,6 +189,10 @@ pub struct LayerNorm {
     pub weight: Tensor,
     pub bias: Tensor,
     pub eps: f32,
+    /// Module path.
+    pub name: String,
+    /// Adapted affine parameters (norm-layer diffs), used instead of `weight`/`bias`.
+    pub adapters: Option<NormAdapters>,
 }
 
 impl LayerNorm {
@@ -162,11 +208,94 @@ impl LayerNorm {
             weight: src.load(gpu, &join(prefix, "weight"), &[dim], policy.vector())?,
             bias: src.load(gpu, &join(prefix, "bias"), &[dim], policy.vector())?,
             eps,
+            name: prefix.to_string(),
+            adapters: None,
         })
     }
 
     /// `x: [..., dim]` → `[..., dim]`.
     pub fn forward(&self, gpu: &Gpu, x: &Tensor) -> Result<Tensor> {
-        layer_norm(gpu, x, Some(&self.weight), Some(&self.bias), self.eps)
+        let (w, b) = match self.adapters.as_ref().filter(|a| a.is_active()) {
+            Some(a) => (&a.weight, &a.bias),
+            None => (&self.weight, &self.bias),
+        };
+        layer_norm(gpu, x, Some(w), Some(b), self.eps)
     }
+}
+
+/// One adaptable layer of a model.
+pub enum LayerMut<'a> {
+    Linear(&'a mut Linear),
+    Conv2d(&'a mut Conv2d),
+    GroupNorm(&'a mut GroupNorm),
+    LayerNorm(&'a mut LayerNorm),
+}
+
+impl LayerMut<'_> {
+    /// The layer's module path.
+    pub fn name(&self) -> &str {
+        match self {
+            LayerMut::Linear(l) => &l.name,
+            LayerMut::Conv2d(l) => &l.name,
+            LayerMut::GroupNorm(l) => &l.name,
+            LayerMut::LayerNorm(l) => &l.name,
+        }
+    }
+}
+
+/// Models and blocks hand each of their layers to `f`, in a fixed order.
+pub trait VisitLayers {
+    fn visit_layers(&mut self, f: &mut dyn FnMut(LayerMut<'_>));
+}
+
+impl VisitLayers for Linear {
+    fn visit_layers(&mut self, f: &mut dyn FnMut(LayerMut<'_>)) {
+        f(LayerMut::Linear(self))
+    }
+}
+
+impl VisitLayers for Conv2d {
+    fn visit_layers(&mut self, f: &mut dyn FnMut(LayerMut<'_>)) {
+        f(LayerMut::Conv2d(self))
+    }
+}
+
+impl VisitLayers for GroupNorm {
+    fn visit_layers(&mut self, f: &mut dyn FnMut(LayerMut<'_>)) {
+        f(LayerMut::GroupNorm(self))
+    }
+}
+
+impl VisitLayers for LayerNorm {
+    fn visit_layers(&mut self, f: &mut dyn FnMut(LayerMut<'_>)) {
+        f(LayerMut::LayerNorm(self))
+    }
+}
+
+impl<T: VisitLayers> VisitLayers for Option<T> {
+    fn visit_layers(&mut self, f: &mut dyn FnMut(LayerMut<'_>)) {
+        if let Some(t) = self {
+            t.visit_layers(f)
+        }
+    }
+}
+
+impl<T: VisitLayers> VisitLayers for Vec<T> {
+    fn visit_layers(&mut self, f: &mut dyn FnMut(LayerMut<'_>)) {
+        for t in self {
+            t.visit_layers(f)
+        }
+    }
+}
+
+/// `impl VisitLayers` for a struct by listing its layer fields in order.
+#[macro_export]
+macro_rules! visit_layers {
+    ($ty:ty: $($field:ident),* $(,)?) => {
+        impl $crate::nn::VisitLayers for $ty {
+            fn visit_layers(&mut self, f: &mut dyn FnMut($crate::nn::LayerMut<'_>)) {
+                $($crate::nn::VisitLayers::visit_layers(&mut self.$field, f);)*
+            }
+        }
+    };
 }

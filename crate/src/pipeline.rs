@@ -47,13 +47,21 @@ use crate::model::tokenizer::ClipTokenizer;
 use crate::model::unet::UNet2DConditionModel;
 use crate::model::vae::{to_image_01, AutoencoderKL, VaeParts};
 use crate::model::vae_tiling::VaeTiling;
-use crate::model::weights::{WeightPolicy, WeightSource};
+use crate::model::weights::WeightPolicy;
 use crate::quant::DType;
 use crate::rng::Rng;
 use crate::sampler::guidance::{guidance_embedding, Guidance};
 use crate::sampler::{Sampler, SamplerConfig, SamplerKind};
 use crate::tensor::Tensor;
-use std::sync::{Arc, Mutex};
+
+#[path = "pipeline/adapters.rs"]
+mod adapters;
+#[path = "pipeline/slot.rs"]
+mod slot;
+
+pub use adapters::AdapterReport;
+use adapters::AdapterState;
+use slot::Slot;
 
 /// Storage of each component's weights.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -201,48 +209,6 @@ impl PipelineOptions {
     }
 }
 
-/// A component held on the GPU, or released between uses and loaded again from its weights.
-/// Users hold an `Arc` while they run it, so releasing never pulls a model from under a call.
-struct Slot<T> {
-    model: Mutex<Option<Arc<T>>>,
-    /// Where the model reloads from once released (`None`: it is never released).
-    source: Option<Box<dyn WeightSource>>,
-}
-
-impl<T> Slot<T> {
-    fn resident(model: T) -> Self {
-        Self { model: Mutex::new(Some(Arc::new(model))), source: None }
-    }
-
-    fn lock(&self) -> std::sync::MutexGuard<'_, Option<Arc<T>>> {
-        self.model.lock().unwrap_or_else(|p| p.into_inner())
-    }
-
-    fn is_resident(&self) -> bool {
-        self.lock().is_some()
-    }
-
-    /// The model, loaded from the source first when it was released.
-    fn get(&self, what: &str, load: impl FnOnce(&dyn WeightSource) -> Result<T>) -> Result<Arc<T>> {
-        let mut slot = self.lock();
-        if let Some(m) = slot.as_ref() {
-            return Ok(Arc::clone(m));
-        }
-        let src = self.source.as_deref().ok_or_else(|| invalid(format!("the {what} is not loaded")))?;
-        let m = Arc::new(load(src)?);
-        *slot = Some(Arc::clone(&m));
-        Ok(m)
-    }
-
-    /// Drops the pipeline's reference when the model can be reloaded; the GPU memory is freed
-    /// once the caller's `Arc` goes too.
-    fn release(&self) {
-        if self.source.is_some() {
-            *self.lock() = None;
-        }
-    }
-}
-
 /// diffusers' `StableDiffusionPipeline`: tokenizer, text encoder, UNet, VAE decoder and the
 /// model's scheduler config, with weights on the GPU.
 pub struct StableDiffusionPipeline {
@@ -260,6 +226,8 @@ pub struct StableDiffusionPipeline {
     scheduler: SamplerConfig,
     plan: WeightPlan,
     default_size: (usize, usize),
+    /// Unmerged adapters: the files, their strengths and the installed layers.
+    adapters: AdapterState,
 }
 
 const OP: &str = "StableDiffusionPipeline";
@@ -353,6 +321,7 @@ impl StableDiffusionPipeline {
             scheduler,
             plan,
             default_size,
+            adapters: AdapterState::default(),
         };
         Ok((pipe, ck.text_encoder, ck.unet))
     }
@@ -400,10 +369,7 @@ impl StableDiffusionPipeline {
     pub async fn encode_prompts(&self, gpu: &Gpu, texts: &[&str], clip_skip: usize) -> Result<Vec<Vec<f32>>> {
         let ids: Vec<Vec<u32>> = texts.iter().map(|t| self.tokenizer.encode_padded(t)).collect();
         let rows: Vec<&[u32]> = ids.iter().map(Vec::as_slice).collect();
-        let te = self.text_encoder.get("text encoder", |src| {
-            let c = &self.text_encoder_config;
-            ClipTextModel::load_with_table(gpu, c, src, self.plan.text_encoder, self.token_table)
-        })?;
+        let te = self.text_encoder.get("text encoder", |src| self.reload_text_encoder(gpu, src))?;
         let e = te.encode(gpu, &rows, EncodeOpts::clip_skip(clip_skip))?;
         if self.options.free_text_encoder_after_encoding {
             // Commands already recorded keep the buffers they read alive until they have run.
@@ -475,7 +441,7 @@ impl StableDiffusionPipeline {
         let mut latents = sampler.initial_latents(&noise);
 
         // 3. Denoising loop.
-        let unet = self.unet.get("UNet", |src| UNet2DConditionModel::load(gpu, &self.unet_config, src, self.plan.unet))?;
+        let unet = self.unet.get("UNet", |src| self.reload_unet(gpu, src))?;
         let timesteps = sampler.timesteps().to_vec();
         let mut steps_out = Vec::with_capacity(timesteps.len());
         for (i, &t) in timesteps.iter().enumerate() {

@@ -169,6 +169,22 @@ impl Gpu {
         Ok(buf)
     }
 
+    /// Overwrites bytes of `buf` from `offset` (a multiple of 4; `data.len()` a multiple of 4),
+    /// after every command recorded so far (so dispatches already recorded see the old bytes).
+    pub fn write(&self, buf: &GpuBuffer, offset: u64, data: &[u8]) -> Result<()> {
+        self.check_lost()?;
+        if !offset.is_multiple_of(4) || !data.len().is_multiple_of(4) || offset + data.len() as u64 > buf.size() {
+            return Err(Error::Invalid(format!(
+                "write of {} bytes at {offset} into a buffer of {} bytes",
+                data.len(),
+                buf.size()
+            )));
+        }
+        self.flush();
+        self.queue.write_buffer(buf.raw(), offset, data);
+        Ok(())
+    }
+
     /// Records a compute dispatch. `params` go to a uniform at binding 0 (when non-empty);
     /// `binds` are storage buffers at the given binding indices.
     pub fn dispatch(

@@ -22,6 +22,10 @@
 //! encoder would need `clip_skip = 1`. SDXL-style conditioning takes
 //! `hidden_states[-(k + 2)]` without the final norm: [`EncodeOpts::final_norm`] = false.
 //! Layers after the chosen one are not run.
+//!
+//! Token ids from `vocab_size` upwards (tokens added for textual inversion) read their rows from
+//! a small separate f32 table ([`ClipTextModel::set_added_token_rows`]); the vocabulary's table
+//! is neither copied nor re-uploaded.
 
 use crate::error::{shape_err, Error, Result};
 use crate::gpu::Gpu;
@@ -29,7 +33,7 @@ pub use crate::model::config::ClipTextConfig;
 use crate::model::transformer::{Attention, AttentionSpec, CLIP_PROJECTIONS};
 use crate::model::weights::{WeightPolicy, WeightSource};
 use crate::nn::{LayerNorm, Linear};
-use crate::ops::elementwise::{add, unary, Unary};
+use crate::ops::elementwise::{add, mul, unary, Unary};
 use crate::ops::layout::embedding;
 use crate::quant::DType;
 use crate::tensor::Tensor;
@@ -127,6 +131,10 @@ pub struct ClipTextModel {
     config: ClipTextConfig,
     act: Unary,
     token_embedding: Tensor,
+    /// Rows of the token ids after the vocabulary, `n × hidden_size` (host copy).
+    added_rows: Vec<f32>,
+    /// `[1 + n, hidden_size]` f32: a zero row, then `added_rows`; `None` when n = 0.
+    added_table: Option<Tensor>,
     position_embedding: Tensor,
     layers: Vec<EncoderLayer>,
     final_layer_norm: LayerNorm,
@@ -173,15 +181,73 @@ impl ClipTextModel {
         // 23-layer config) loads the config's layers, as diffusers does.
         let final_layer_norm =
             LayerNorm::load(gpu, source, "text_model.final_layer_norm", d, c.layer_norm_eps as f32, policy)?;
-        Ok(Self { config: c.clone(), act, token_embedding, position_embedding, layers, final_layer_norm })
+        Ok(Self {
+            config: c.clone(),
+            act,
+            token_embedding,
+            added_rows: Vec::new(),
+            added_table: None,
+            position_embedding,
+            layers,
+            final_layer_norm,
+        })
     }
 
     pub fn config(&self) -> &ClipTextConfig {
         &self.config
     }
 
-    /// Checks token id rows (same length, within the position table and the vocabulary) and
-    /// returns (batch, sequence length).
+    /// Number of token ids after the vocabulary that have rows ([`set_added_token_rows`](Self::set_added_token_rows)).
+    pub fn num_added_tokens(&self) -> usize {
+        self.added_rows.len() / self.config.hidden_size.max(1)
+    }
+
+    /// The rows of the token ids after the vocabulary, `num_added_tokens × hidden_size` f32.
+    pub fn added_token_rows(&self) -> &[f32] {
+        &self.added_rows
+    }
+
+    /// Sets the rows of token ids `vocab_size..vocab_size + n` (textual-inversion vectors) to
+    /// `rows` (`n × hidden_size` f32, n may be 0). Only this small table is uploaded.
+    pub fn set_added_token_rows(&mut self, gpu: &Gpu, rows: &[f32]) -> Result<()> {
+        let d = self.config.hidden_size;
+        if d == 0 || !rows.len().is_multiple_of(d) {
+            return Err(shape_err(OP, format!("added token rows: {} values are not rows of {d}", rows.len())));
+        }
+        if rows.iter().any(|v| !v.is_finite()) {
+            return Err(Error::Invalid("added token rows contain NaN or infinite values".into()));
+        }
+        self.added_table = if rows.is_empty() {
+            None
+        } else {
+            let mut table = vec![0.0f32; d];
+            table.extend_from_slice(rows);
+            Some(Tensor::from_f32(gpu, &[rows.len() / d + 1, d], &table)?)
+        };
+        self.added_rows = rows.to_vec();
+        Ok(())
+    }
+
+    /// Token embedding rows `[N, D]` for `ids`. Vocabulary ids read the loaded table; when
+    /// added ids are present the rows are
+    /// `table[id, added ids as 0] * mask + added_table[id - vocab_size + 1, vocabulary ids as 0]`
+    /// with mask 1 on vocabulary ids and 0 on added ids (row 0 of the added table is zeros), so
+    /// every row is its table's row exactly.
+    fn token_rows(&self, gpu: &Gpu, ids: &[u32]) -> Result<Tensor> {
+        let v = self.config.vocab_size as u32;
+        let Some(extra) = self.added_table.as_ref().filter(|_| ids.iter().any(|&t| t >= v)) else {
+            return embedding(gpu, &self.token_embedding, ids);
+        };
+        let base_ids: Vec<u32> = ids.iter().map(|&t| if t >= v { 0 } else { t }).collect();
+        let mask: Vec<f32> = ids.iter().map(|&t| if t >= v { 0.0 } else { 1.0 }).collect();
+        let extra_ids: Vec<u32> = ids.iter().map(|&t| if t >= v { t - v + 1 } else { 0 }).collect();
+        let base = embedding(gpu, &self.token_embedding, &base_ids)?;
+        let mask = Tensor::from_f32(gpu, &[ids.len(), 1], &mask)?;
+        add(gpu, &mul(gpu, &base, &mask)?, &embedding(gpu, extra, &extra_ids)?)
+    }
+
+    /// Checks token id rows (same length, within the position table and the vocabulary plus
+    /// the added tokens) and returns (batch, sequence length).
     fn check_ids(&self, ids: &[&[u32]]) -> Result<(usize, usize)> {
         let c = &self.config;
         let s = ids.first().map_or(0, |r| r.len());
@@ -195,8 +261,16 @@ impl ClipTextModel {
                 format!("{s} tokens exceed max_position_embeddings {}", c.max_position_embeddings),
             ));
         }
-        if let Some(bad) = ids.iter().flat_map(|r| r.iter()).find(|&&t| t as usize >= c.vocab_size) {
-            return Err(shape_err(OP, format!("token id {bad} is outside the vocabulary of {}", c.vocab_size)));
+        let known = c.vocab_size + self.num_added_tokens();
+        if let Some(bad) = ids.iter().flat_map(|r| r.iter()).find(|&&t| t as usize >= known) {
+            return Err(shape_err(
+                OP,
+                format!(
+                    "token id {bad} is outside the vocabulary of {} and the {} added tokens",
+                    c.vocab_size,
+                    self.num_added_tokens()
+                ),
+            ));
         }
         Ok((ids.len(), s))
     }
@@ -206,7 +280,7 @@ impl ClipTextModel {
         let (b, s) = self.check_ids(ids)?;
         let d = self.config.hidden_size;
         let flat: Vec<u32> = ids.iter().flat_map(|r| r.iter().copied()).collect();
-        let tok = embedding(gpu, &self.token_embedding, &flat)?.reshape(&[b, s, d])?;
+        let tok = self.token_rows(gpu, &flat)?.reshape(&[b, s, d])?;
         let positions: Vec<u32> = (0..s as u32).collect();
         let pos = embedding(gpu, &self.position_embedding, &positions)?;
         add(gpu, &tok, &pos)
@@ -290,3 +364,6 @@ impl ClipTextModel {
         self.layers.len()
     }
 }
+
+crate::visit_layers!(EncoderLayer: layer_norm1, self_attn, layer_norm2, fc1, fc2);
+crate::visit_layers!(ClipTextModel: layers, final_layer_norm);

@@ -79,3 +79,5 @@ impl TimestepEmbedding {
         self.linear_2.forward(gpu, &h)
     }
 }
+
+crate::visit_layers!(TimestepEmbedding: linear_1, linear_2, cond_proj);

@@ -10,6 +10,7 @@ pub mod unet_blocks;
 pub mod checkpoint;
 pub mod config;
 pub mod random_weights;
+pub mod textual_inversion;
 pub mod tokenizer;
 pub mod vae;
 pub mod vae_blocks;

@@ -192,3 +192,7 @@ impl Upsample2D {
         self.conv.forward(gpu, &up)
     }
 }
+
+crate::visit_layers!(ResnetBlock2D: norm1, conv1, time_emb_proj, norm2, conv2, conv_shortcut);
+crate::visit_layers!(Downsample2D: conv);
+crate::visit_layers!(Upsample2D: conv);

@@ -21,13 +21,19 @@
 //! `e` + U+0301) gives the same ids as its composed form. Known difference: characters
 //! assigned after Unicode 14 may be classified differently from the `tokenizers` regex engine.
 //!
+//! Tokens can be added after loading ([`ClipTokenizer::add_tokens`], used by textual
+//! inversion): they take the ids after the vocabulary and are matched between steps 1 and 3,
+//! as `tokenizers` matches added tokens (see [`added`]).
+//!
 //! The standard table (the vocabulary of SD1.x/SD2.x's `tokenizer/vocab.json`) is embedded:
 //! `crate/data/bpe_simple_vocab_16e6.first48894.txt.gz` (see `crate/data/README.md`).
 
+pub mod added;
+
 use crate::error::{Error, Result};
+use added::{AddedTokens, Part};
 use std::collections::HashMap;
 use std::sync::Mutex;
-use unicode_normalization::UnicodeNormalization;
 
 /// Sequence length of SD's text encoders.
 pub const MAX_LENGTH: usize = 77;
@@ -54,6 +60,8 @@ pub struct ClipTokenizer {
     pad: u32,
     max_length: usize,
     cache: Mutex<HashMap<String, Vec<u32>>>,
+    /// Tokens added after loading, with ids from the one after the vocabulary's largest.
+    added: AddedTokens,
 }
 
 impl ClipTokenizer {
@@ -158,6 +166,7 @@ impl ClipTokenizer {
             byte_ids[0][b] = id(&c.to_string()).unwrap_or(end);
             byte_ids[1][b] = id(&format!("{c}</w>")).unwrap_or(end);
         }
+        let first_added = vocab.values().max().map_or(0, |&m| m.saturating_add(1));
         Ok(ClipTokenizer {
             vocab,
             merges: merge_map,
@@ -167,6 +176,7 @@ impl ClipTokenizer {
             pad: end,
             max_length: MAX_LENGTH,
             cache: Mutex::new(HashMap::new()),
+            added: AddedTokens::new(first_added),
         })
     }
 
@@ -200,10 +210,59 @@ impl ClipTokenizer {
         Ok(self)
     }
 
-    /// Id of a vocabulary token.
+    /// Id of a vocabulary token or an added token.
     pub fn token_id(&self, token: &str) -> Option<u32> {
-        self.vocab.get(token).copied()
+        self.vocab.get(token).copied().or_else(|| self.added.id(token))
     }
+
+    /// Adds tokens matched whole before BPE (see [`added`]); returns their ids, which follow
+    /// the vocabulary and any tokens added before. Fails, adding none, when a token is empty,
+    /// is in the vocabulary (as diffusers' `load_textual_inversion` refuses it), or equals an
+    /// added token once normalized.
+    pub fn add_tokens(&mut self, tokens: &[&str]) -> Result<Vec<u32>> {
+        let refuse = |message: String| Err(Error::Invalid(message));
+        for (i, &t) in tokens.iter().enumerate() {
+            if added::normalize(t).trim().is_empty() {
+                return refuse(format!("cannot add the token {t:?}: it has no visible characters"));
+            }
+            if self.vocab.contains_key(t) {
+                return refuse(format!(
+                    "cannot add the token `{t}`: it is already in the tokenizer's vocabulary; choose another trigger word"
+                ));
+            }
+            let earlier = tokens[..i].iter().find(|&&e| added::normalize(e) == added::normalize(t));
+            if let Some(other) = self.added.clash(t).or(earlier.copied()) {
+                return refuse(format!(
+                    "cannot add the token `{t}`: the token `{other}` is already added and prompts cannot tell them apart; remove it first or choose another trigger word"
+                ));
+            }
+        }
+        Ok(tokens.iter().map(|t| self.added.push(t)).collect())
+    }
+
+    /// Removes added tokens; the tokens added after them move down to fill their ids. Fails,
+    /// removing none, when one of them was not added.
+    pub fn remove_added_tokens(&mut self, tokens: &[&str]) -> Result<()> {
+        if let Some(t) = tokens.iter().find(|t| self.added.id(t).is_none()) {
+            let have: Vec<String> = self.added.list().into_iter().map(|(c, _)| c).collect();
+            return Err(Error::Invalid(format!("no added token `{t}` to remove (added tokens: {have:?})")));
+        }
+        for t in tokens {
+            self.added.remove(t);
+        }
+        Ok(())
+    }
+
+    /// The added tokens with their ids, in id order.
+    pub fn added_tokens(&self) -> Vec<(String, u32)> {
+        self.added.list()
+    }
+
+    /// The id the first added token gets: one past the vocabulary's largest id.
+    pub fn first_added_id(&self) -> u32 {
+        self.added.first_id()
+    }
+    /// Size of the vocabulary, added tokens not counted.
     pub fn vocab_size(&self) -> usize {
         self.vocab.len()
     }
@@ -228,10 +287,18 @@ impl ClipTokenizer {
                 Span::Special(true) => ids.push(self.start),
                 Span::Special(false) => ids.push(self.end),
                 Span::Text(t) => {
-                    // NFC first, as transformers' CLIP normalizer does, then lowercase.
-                    let lower: String = t.nfc().flat_map(char::to_lowercase).collect();
-                    for piece in pre_tokenize(&lower) {
-                        self.bpe_piece(piece, &mut ids);
+                    // transformers' CLIP normalizer (NFC, whitespace runs as one space,
+                    // lowercase), then added tokens, then pre-tokenization of the rest.
+                    let norm = added::normalize(t);
+                    for part in self.added.split(&norm) {
+                        match part {
+                            Part::Ids(x) => ids.extend_from_slice(x),
+                            Part::Text(text) => {
+                                for piece in pre_tokenize(text) {
+                                    self.bpe_piece(piece, &mut ids);
+                                }
+                            }
+                        }
                     }
                 }
             }

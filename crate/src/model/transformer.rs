@@ -362,3 +362,8 @@ pub fn attention_by_matmul(
     }
     Ok(out)
 }
+
+crate::visit_layers!(Attention: to_q, to_k, to_v, to_out);
+crate::visit_layers!(FeedForward: proj, out);
+crate::visit_layers!(BasicTransformerBlock: norm1, attn1, norm2, attn2, norm3, ff);
+crate::visit_layers!(Transformer2DModel: norm, proj_in, blocks, proj_out);

@@ -281,3 +281,5 @@ fn check_no_extra_layers(src: &dyn WeightSource, down: &[BlockSpec], mid: &Block
         None => Ok(()),
     }
 }
+
+crate::visit_layers!(UNet2DConditionModel: conv_in, time_embedding, down_blocks, mid_block, up_blocks, conv_norm_out, conv_out);

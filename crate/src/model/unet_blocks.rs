@@ -236,3 +236,7 @@ impl UpBlock {
         Ok(h)
     }
 }
+
+crate::visit_layers!(DownBlock: resnets, attentions, downsampler);
+crate::visit_layers!(MidBlock: resnets, attentions);
+crate::visit_layers!(UpBlock: resnets, attentions, upsampler);

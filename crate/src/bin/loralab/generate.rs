@@ -3,6 +3,7 @@
 //! on request, the pipeline's intermediate tensors.
 
 use loralab::io::safetensors::SafetensorsFile;
+use loralab::lora::read_lora;
 use loralab::model::checkpoint::{is_pickle_name, open_path, refuse_pickle};
 use loralab::pipeline::{GenerateOptions, StableDiffusionPipeline, StepProgress, WeightPlan};
 use loralab::sampler::SamplerKind;
@@ -27,6 +28,10 @@ pub const USAGE: &str = "  loralab generate --model PATH --prompt TEXT --out IMA
       --init-latents FILE.safetensors   initial noise: tensor `latents` [1,4,H/8,W/8]
       --dump FILE.safetensors           write prompt_embeds, negative_prompt_embeds,
                                         latents_step_{i} and image [1,3,H,W] (f32)
+      --lora FILE[:W | :TE_W:UNET_W]    apply an adapter (LoRA, LoCon, LoHa, LoKr, IA3, full,
+                                        DoRA; kohya, LyCORIS, diffusers/PEFT files) unmerged at
+                                        strength W (default 1), or separate text-encoder / UNet
+                                        strengths; repeatable, adapters add up
       --plain                           no shader-f16 / subgroups
 ";
 
@@ -39,7 +44,28 @@ struct Args {
     weights: DType,
     clip_skip: usize,
     plain: bool,
+    /// (file, text-encoder strength, UNet strength)
+    loras: Vec<(PathBuf, f32, f32)>,
     opts: GenerateOptions,
+}
+
+/// `FILE`, `FILE:W` or `FILE:TE_W:UNET_W` (numbers taken from the right, so paths with `:`
+/// still work).
+fn parse_lora(v: &str) -> Result<(PathBuf, f32, f32), String> {
+    let num = |s: &str| s.parse::<f32>().ok().filter(|x| x.is_finite());
+    let parts: Vec<&str> = v.rsplitn(3, ':').collect();
+    let (file, te, unet) = match parts.as_slice() {
+        [u, t, f] if num(u).is_some() && num(t).is_some() => (f.to_string(), num(t), num(u)),
+        [w, rest @ ..] if num(w).is_some() && !rest.is_empty() => {
+            let file = v[..v.len() - w.len() - 1].to_string();
+            (file, num(w), num(w))
+        }
+        _ => (v.to_string(), Some(1.0), Some(1.0)),
+    };
+    if file.is_empty() {
+        return Err(usage_err(format!("--lora {v}: needs a file name before the strengths")));
+    }
+    Ok((PathBuf::from(file), te.unwrap_or(1.0), unet.unwrap_or(1.0)))
 }
 
 fn usage_err(message: impl std::fmt::Display) -> String {
@@ -63,6 +89,7 @@ fn parse_args(args: &[String]) -> Result<Args, String> {
         weights: DType::F32,
         clip_skip: 1,
         plain: false,
+        loras: vec![],
         opts: GenerateOptions { sampler: SamplerKind::EulerAncestral, ..Default::default() },
     };
     let mut seed = None;
@@ -92,6 +119,7 @@ fn parse_args(args: &[String]) -> Result<Args, String> {
             "--init-latents",
             "--dump",
             "--out",
+            "--lora",
         ];
         if !known.contains(&name) {
             return Err(usage_err(format!("unknown option `{arg}`")));
@@ -158,6 +186,7 @@ fn parse_args(args: &[String]) -> Result<Args, String> {
             "--init-latents" => a.init_latents = Some(PathBuf::from(v)),
             "--dump" => a.dump = Some(PathBuf::from(v)),
             "--out" => out = Some(PathBuf::from(v)),
+            "--lora" => a.loras.push(parse_lora(&v)?),
             _ => unreachable!("listed above"),
         }
     }
@@ -236,6 +265,46 @@ fn write_file(option: &str, path: &Path, bytes: &[u8]) -> Result<(), String> {
     std::fs::write(path, bytes).map_err(|e| format!("{option} {}: cannot write: {e}", path.display()))
 }
 
+/// Reads the `--lora` files and sets them on the pipeline.
+fn load_loras(gpu: &Gpu, pipe: &mut StableDiffusionPipeline, loras: &[(PathBuf, f32, f32)]) -> Result<(), String> {
+    let t = Instant::now();
+    let mut files = vec![];
+    for (path, _, _) in loras {
+        let name = path.display().to_string();
+        if is_pickle_name(&name) {
+            return Err(format!("--lora {}", refuse_pickle(&name)));
+        }
+        if !path.is_file() {
+            return Err(format!("--lora {name}: no such file"));
+        }
+        let f = SafetensorsFile::open_path(path).map_err(|e| format!("--lora {e}"))?;
+        files.push(std::sync::Arc::new(read_lora(&f).map_err(|e| format!("--lora {e}"))?));
+    }
+    let strengths = loras.iter().map(|(_, te, unet)| (*te, *unet)).collect();
+    let report = pollster::block_on(pipe.set_adapters(gpu, files.clone(), strengths)).map_err(|e| format!("--lora {e}"))?;
+    for ((path, te, unet), f) in loras.iter().zip(&files) {
+        let algos: Vec<String> = f.algorithms.iter().map(|a| a.name().to_string()).collect();
+        eprintln!(
+            "adapter {} ({:?}, {}; {} layers) text encoder {te}, UNet {unet}",
+            path.display(),
+            f.format,
+            algos.join("+"),
+            f.layers.len()
+        );
+    }
+    for w in &report.warnings {
+        eprintln!("warning: {w}");
+    }
+    eprintln!(
+        "adapters on {} text-encoder and {} UNet layers ({:.1} MB) in {:.2} s",
+        report.text_encoder.layers,
+        report.unet.layers,
+        (report.text_encoder.bytes + report.unet.bytes) as f64 / 1e6,
+        t.elapsed().as_secs_f64()
+    );
+    Ok(())
+}
+
 pub fn run(args: &[String]) -> Result<ExitCode, String> {
     let mut a = parse_args(args)?;
     let name = a.model.display().to_string();
@@ -261,7 +330,7 @@ pub fn run(args: &[String]) -> Result<ExitCode, String> {
     let gpu_opts = GpuOptions { disable_f16: a.plain, disable_subgroups: a.plain, ..Default::default() };
     let gpu = pollster::block_on(Gpu::new(gpu_opts)).map_err(|e| e.to_string())?;
     let single_default = !a.model.is_dir() && a.config.is_none();
-    let pipe = StableDiffusionPipeline::load(&gpu, ck, WeightPlan::new(a.weights)).map_err(|e| {
+    let mut pipe = StableDiffusionPipeline::load(&gpu, ck, WeightPlan::new(a.weights)).map_err(|e| {
         if single_default {
             format!(
                 "{e}\n(a single-file checkpoint is read with Stable Diffusion 1.5's configuration; for another \
@@ -272,6 +341,9 @@ pub fn run(args: &[String]) -> Result<ExitCode, String> {
         }
     })?;
     eprintln!("loaded {} ({} weights) in {:.2} s", a.model.display(), a.weights, t0.elapsed().as_secs_f64());
+    if !a.loras.is_empty() {
+        load_loras(&gpu, &mut pipe, &a.loras)?;
+    }
 
     let (dw, dh) = pipe.default_size();
     let (width, height) = (a.opts.width.unwrap_or(dw), a.opts.height.unwrap_or(dh));

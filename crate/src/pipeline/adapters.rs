@@ -1,0 +1,186 @@
+//! Unmerged adapters on the pipeline: any number of adapter files, each with a text-encoder
+//! and a UNet strength, installed into the loaded models without touching their weights
+//! (`crate::adapter`). Strength changes rewrite a few words per adapted layer; a component
+//! released under the low-memory options gets the same adapters back when it reloads.
+
+use super::{invalid, Slot, StableDiffusionPipeline};
+use crate::adapter::{self, InstallReport, Installed};
+use crate::error::{Error, Result};
+use crate::gpu::Gpu;
+use crate::lora::{LoraFile, Target};
+use crate::model::clip::ClipTextModel;
+use crate::model::unet::UNet2DConditionModel;
+use crate::model::weights::WeightSource;
+use crate::nn::VisitLayers;
+use std::sync::Arc;
+
+/// The adapters set on a pipeline.
+#[derive(Default)]
+pub(super) struct AdapterState {
+    files: Vec<Arc<LoraFile>>,
+    /// (text encoder, UNet) strength per file.
+    strengths: Vec<(f32, f32)>,
+    te: Installed,
+    unet: Installed,
+}
+
+/// What [`StableDiffusionPipeline::set_adapters`] installed.
+#[derive(Clone, Debug, Default, PartialEq)]
+pub struct AdapterReport {
+    pub text_encoder: InstallReport,
+    pub unet: InstallReport,
+    /// Per file: partial matches (how many of its layers matched).
+    pub warnings: Vec<String>,
+}
+
+/// Takes the model out of its slot (loading it when released), runs `f`, puts it back.
+async fn with_model<T: VisitLayers, R>(
+    slot: &Slot<T>,
+    what: &str,
+    load: impl FnOnce(&dyn WeightSource) -> Result<T>,
+    f: impl AsyncFnOnce(&mut T) -> Result<R>,
+) -> Result<R> {
+    let arc = slot.get(what, load)?;
+    let taken = slot.lock().take();
+    drop(taken);
+    let mut model = Arc::try_unwrap(arc).map_err(|_| invalid(format!("the {what} is in use")))?;
+    let r = f(&mut model).await;
+    *slot.lock() = Some(Arc::new(model));
+    r
+}
+
+/// Applies `f` to the model when it is on the GPU (a released model picks up the state when
+/// it reloads).
+fn if_resident<T>(slot: &Slot<T>, what: &str, f: impl FnOnce(&mut T)) -> Result<()> {
+    let mut guard = slot.lock();
+    if let Some(arc) = guard.as_mut() {
+        let m = Arc::get_mut(arc).ok_or_else(|| invalid(format!("the {what} is in use")))?;
+        f(m);
+    }
+    Ok(())
+}
+
+impl StableDiffusionPipeline {
+    /// Loads the text encoder from `src` (after a release) with the current adapters.
+    pub(super) fn reload_text_encoder(&self, gpu: &Gpu, src: &dyn WeightSource) -> Result<ClipTextModel> {
+        let c = &self.text_encoder_config;
+        let mut m = ClipTextModel::load_with_table(gpu, c, src, self.plan.text_encoder, self.token_table)?;
+        adapter::attach(&mut m, &self.adapters.te);
+        Ok(m)
+    }
+
+    /// Loads the UNet from `src` (after a release) with the current adapters.
+    pub(super) fn reload_unet(&self, gpu: &Gpu, src: &dyn WeightSource) -> Result<UNet2DConditionModel> {
+        let mut m = UNet2DConditionModel::load(gpu, &self.unet_config, src, self.plan.unet)?;
+        adapter::attach(&mut m, &self.adapters.unet);
+        Ok(m)
+    }
+
+    /// The adapter files set, in order, with their (text encoder, UNet) strengths.
+    pub fn adapters(&self) -> Vec<(Arc<LoraFile>, (f32, f32))> {
+        self.adapters.files.iter().cloned().zip(self.adapters.strengths.iter().copied()).collect()
+    }
+
+    /// Replaces the pipeline's adapters with `files` at `strengths` ((text encoder, UNet) per
+    /// file). A file none of whose layers exist in this model is refused with counts and
+    /// examples; a partial match is installed with a warning. The base weights are untouched.
+    pub async fn set_adapters(
+        &mut self,
+        gpu: &Gpu,
+        files: Vec<Arc<LoraFile>>,
+        strengths: Vec<(f32, f32)>,
+    ) -> Result<AdapterReport> {
+        if files.len() != strengths.len() {
+            return Err(invalid(format!("{} adapter files but {} strengths", files.len(), strengths.len())));
+        }
+        let refs: Vec<&LoraFile> = files.iter().map(|f| f.as_ref()).collect();
+        let te_s: Vec<f32> = strengths.iter().map(|s| s.0).collect();
+        let unet_s: Vec<f32> = strengths.iter().map(|s| s.1).collect();
+        // Clear what was installed first, so a reload during installation sees no stale data.
+        self.adapters = AdapterState::default();
+        let this = &*self;
+        let (te_report, te) = with_model(
+            &this.text_encoder,
+            "text encoder",
+            |src| this.reload_text_encoder(gpu, src),
+            async |m: &mut ClipTextModel| {
+                let r = adapter::install(gpu, m, Target::TextEncoder, &refs, &te_s).await?;
+                Ok((r, adapter::snapshot(m)))
+            },
+        )
+        .await?;
+        let (unet_report, unet) = with_model(
+            &this.unet,
+            "UNet",
+            |src| this.reload_unet(gpu, src),
+            async |m: &mut UNet2DConditionModel| {
+                let r = adapter::install(gpu, m, Target::Unet, &refs, &unet_s).await?;
+                Ok((r, adapter::snapshot(m)))
+            },
+        )
+        .await?;
+        let mut report = AdapterReport { text_encoder: te_report, unet: unet_report, warnings: vec![] };
+        for f in &files {
+            let total = f.layers.len();
+            let missing: Vec<&(String, usize, Vec<String>)> = report
+                .text_encoder
+                .unmatched
+                .iter()
+                .chain(&report.unet.unmatched)
+                .filter(|(name, _, _)| *name == f.file)
+                .collect();
+            let missed: usize = missing.iter().map(|m| m.1).sum();
+            if total > 0 && missed == total {
+                self.clear_adapters(gpu)?;
+                let examples: Vec<&String> = missing.iter().flat_map(|m| m.2.iter()).take(5).collect();
+                return Err(Error::Format {
+                    file: f.file.clone(),
+                    tensor: None,
+                    message: format!(
+                        "none of its {total} adapter layers exists in this model (e.g. {}); it was made for another \
+                         base model (its metadata says {:?})",
+                        examples.iter().map(|s| format!("`{s}`")).collect::<Vec<_>>().join(", "),
+                        f.base
+                    ),
+                });
+            }
+            if missed > 0 {
+                report.warnings.push(format!(
+                    "{}: {} of {total} adapter layers matched this model; {missed} were skipped (e.g. `{}`)",
+                    f.file,
+                    total - missed,
+                    missing.iter().flat_map(|m| m.2.iter()).next().map_or("", |s| s.as_str())
+                ));
+            }
+        }
+        self.adapters = AdapterState { files, strengths, te, unet };
+        Ok(report)
+    }
+
+    /// Removes every adapter.
+    pub fn clear_adapters(&mut self, _gpu: &Gpu) -> Result<()> {
+        self.adapters = AdapterState::default();
+        if_resident(&self.text_encoder, "text encoder", |m| adapter::clear(m))?;
+        if_resident(&self.unet, "UNet", |m| adapter::clear(m))
+    }
+
+    /// Changes the strengths ((text encoder, UNet) per file, in the order of
+    /// [`set_adapters`](Self::set_adapters)): a few words per adapted layer are rewritten.
+    pub fn set_adapter_strengths(&mut self, gpu: &Gpu, strengths: &[(f32, f32)]) -> Result<()> {
+        if strengths.len() != self.adapters.files.len() {
+            return Err(invalid(format!(
+                "{} strengths for {} adapter files",
+                strengths.len(),
+                self.adapters.files.len()
+            )));
+        }
+        let te_s: Vec<f32> = strengths.iter().map(|s| s.0).collect();
+        let unet_s: Vec<f32> = strengths.iter().map(|s| s.1).collect();
+        self.adapters.te.set_strengths(gpu, &te_s)?;
+        self.adapters.unet.set_strengths(gpu, &unet_s)?;
+        self.adapters.strengths = strengths.to_vec();
+        let (te, unet) = (&self.adapters.te, &self.adapters.unet);
+        if_resident(&self.text_encoder, "text encoder", |m| adapter::attach(m, te))?;
+        if_resident(&self.unet, "UNet", |m| adapter::attach(m, unet))
+    }
+}
