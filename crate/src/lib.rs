@@ -12,6 +12,7 @@ pub mod model;
 pub mod nn;
 pub mod ops;
 pub mod pipeline;
+pub mod prompt;
 pub mod quant;
 pub mod rng;
 pub mod sampler;
