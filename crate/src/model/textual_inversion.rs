@@ -14,6 +14,10 @@
 //! feeds all n (see [`crate::model::tokenizer::added`] for how added tokens are matched). The
 //! token must not already be in the vocabulary, nor `T_1`. The vectors' size must equal the
 //! text encoder's hidden size (768 for SD1.x, 1024 for SD2.x).
+//!
+//! Matching is diffusers' (transformers' added tokens, found inside words too); A1111 instead
+//! looks for the trigger word's BPE tokens, so there `lxstyle` does not fire inside
+//! `lxstyles`. Prompts that write the trigger word as a word of its own behave the same.
 
 use crate::error::{Error, Result};
 use crate::gpu::Gpu;
