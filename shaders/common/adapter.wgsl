@@ -1,7 +1,9 @@
 // Adapters (LoRA, LoCon, LoHa, LoKr, IA³, full, DoRA) applied inside the GEMM kernels
 // (matmul.wgsl with ADAPTER, conv2d.wgsl with ADAPTER), unmerged. For a weight W₀ [N, K]
 // (K = Cin·kh·kw for a convolution) the kernel multiplies by
-//   W = (W₀ ⊙ row[n] ⊙ col[k]) + Σ_terms s_t · row_t[n] · col_t[k] · T_t[n, k]
+//   W = W₀ · (row[n] + col[k]) + Σ_terms s_t · row_t[n] · col_t[k] · T_t[n, k]
+// (row / col: W₀'s scale as a sum of a per-row and a per-column part, either may be absent;
+// adapters that rescale the base, IA³ and DoRA, stack additively this way)
 // while staging weight slices (adapt_w), and afterwards adds the factored low-rank part
 //   Σ_j up[n, j] · col_scale[j] · t[·, j]   with   t = down · x   (computed by one small GEMM
 // before the kernel, all adapters' down matrices stacked: R = Σ rᵢ columns)
@@ -32,8 +34,8 @@ struct AdapterParams {
     col_scale: u32,  // word offset of [R] f32: alpha/r · strength of each column's adapter
     terms: u32,      // number of weight terms
     table: u32,      // word offset of the term table (AD_TERM_WORDS words per term)
-    base_row: u32,   // word offset of [N] f32 scaling W₀'s rows (IA³ out, DoRA), or AD_NONE
-    base_col: u32,   // word offset of [K] f32 scaling W₀'s columns (IA³ on_input), or AD_NONE
+    base_row: u32,   // word offset of [N] f32: per-row part of W₀'s scale (IA³ out, DoRA), or AD_NONE
+    base_col: u32,   // word offset of [K] f32: per-column part of W₀'s scale (IA³ on_input), or AD_NONE
     bias: u32,       // word offset of [N] f32 added to the bias (full diff_b), or AD_NONE
 }
 
@@ -80,11 +82,15 @@ fn ad_term_value(t: u32, kind: u32, n: u32, k: u32, kcols: u32) -> f32 {
 // The adapted weight element (n, k) given the base value w0.
 fn adapt_w(n: u32, k: u32, kcols: u32, w0: f32) -> f32 {
     var v = w0;
-    if (p.ad.base_row != AD_NONE) {
-        v *= ad_f32(p.ad.base_row + n);
-    }
-    if (p.ad.base_col != AD_NONE) {
-        v *= ad_f32(p.ad.base_col + k);
+    if (p.ad.base_row != AD_NONE || p.ad.base_col != AD_NONE) {
+        var f = 0.0;
+        if (p.ad.base_row != AD_NONE) {
+            f += ad_f32(p.ad.base_row + n);
+        }
+        if (p.ad.base_col != AD_NONE) {
+            f += ad_f32(p.ad.base_col + k);
+        }
+        v *= f;
     }
     for (var t = 0u; t < p.ad.terms; t++) {
         var s = bitcast<f32>(ad_term(t, 2u));

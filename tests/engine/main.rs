@@ -11,6 +11,7 @@ mod common;
 mod conv;
 mod elementwise;
 mod layout;
+mod lora_apply;
 mod lora_merge;
 mod lora_parse;
 mod matmul;

@@ -233,7 +233,15 @@ fn expand_cols(v: &[f32], taps: usize) -> Vec<f32> {
 
 /// Builds one layer's operands from `adapters` (index, adapter) for a `[n, k]` weight.
 /// `dense` is the storage of dense terms (f16 on reduced-precision bases).
-pub fn build(kind: LayerKind, n: usize, k: usize, adapters: &[(usize, &LayerAdapter)], dense: TermKind) -> Result<Built> {
+/// `has_bias`: LyCORIS drops a `diff_b` on a layer without bias.
+pub fn build(
+    kind: LayerKind,
+    n: usize,
+    k: usize,
+    adapters: &[(usize, &LayerAdapter)],
+    dense: TermKind,
+    has_bias: bool,
+) -> Result<Built> {
     let taps = match kind {
         LayerKind::Linear => 1,
         LayerKind::Conv { taps } => taps,
@@ -291,7 +299,7 @@ pub fn build(kind: LayerKind, n: usize, k: usize, adapters: &[(usize, &LayerAdap
                 let term = b.terms.len();
                 b.terms.push((dense, delta, vec![]));
                 b.contributions.push((idx, Contribution::Term { term, scale: 1.0 }));
-                if let Some(db) = diff_b {
+                if let Some(db) = diff_b.as_ref().filter(|_| has_bias) {
                     if db.numel() != n {
                         return Err(bad(a, format!("diff_b has {} values, the layer has {n} outputs", db.numel())));
                     }
@@ -348,11 +356,12 @@ pub fn dora_norms(w0: &[f32], delta: &[f32], n: usize, k: usize, taps: usize, ki
 }
 
 /// DoRA at strength `s` as (base vector, term scale, term vector), all along the norm axis
-/// (rows, or input channels for LyCORIS `wd_on_out = False`):
+/// (rows, or input channels for LyCORIS `[1, in, …]` magnitudes), as `lora::merged_weight`
+/// defines them:
 /// - PEFT: `W' = g ⊙ (W₀ + c·s·ΔW)`, `g = m / ‖W₀ + c·s·ΔW‖` (the norm taken at strength s,
 ///   as PEFT's scaling does);
-/// - LyCORIS: `W' = W₀ + s·(g₁ ⊙ (W₀ + c·ΔW) − W₀)`, `g₁ = m / (‖W₀ + c·ΔW‖ + ε)` (the
-///   interpolation ComfyUI and A1111 apply; identical to LyCORIS at s = 1).
+/// - LyCORIS: `W' = (W₀ + c·ΔW) ⊙ (s·(f − 1) + 1)`, `f = m / (‖W₀ + c·ΔW‖ + ε)` (its
+///   `weight_decompose` with the multiplier).
 pub fn dora_vectors(kind: DoraKind, magnitude: &[f32], norms: &Norms, c: f32, s: f32) -> (Vec<f32>, f32, Vec<f32>) {
     let norm = |t: f64| -> Vec<f64> {
         (0..magnitude.len()).map(|i| (norms.n0[i] + 2.0 * t * norms.n1[i] + t * t * norms.n2[i]).max(0.0).sqrt()).collect()
@@ -365,10 +374,12 @@ pub fn dora_vectors(kind: DoraKind, magnitude: &[f32], norms: &Norms, c: f32, s:
         }
         DoraKind::Lycoris { .. } => {
             let eps = f32::EPSILON as f64;
-            let g1: Vec<f64> = norm(c as f64).iter().zip(magnitude).map(|(nv, &m)| m as f64 / (nv + eps)).collect();
-            let base = g1.iter().map(|g| (1.0 - s as f64 + s as f64 * g) as f32).collect();
-            let term = g1.iter().map(|&g| (s as f64 * g) as f32).collect();
-            (base, c, term)
+            let g: Vec<f32> = norm(c as f64)
+                .iter()
+                .zip(magnitude)
+                .map(|(nv, &m)| (s as f64 * (m as f64 / (nv + eps) - 1.0) + 1.0) as f32)
+                .collect();
+            (g.clone(), c, g)
         }
     }
 }

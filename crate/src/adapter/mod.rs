@@ -82,19 +82,25 @@ fn dynamic(shape: &Shape, contributions: &[(usize, Contribution)], strengths: &[
     let mut d = Dynamic {
         col_scale: vec![0.0; shape.rank],
         terms: shape.terms.iter().map(|&(_, row, col)| (0.0, row.then(|| vec![1.0; shape.n]), col.then(|| vec![1.0; shape.k]))).collect(),
+        // W₀'s scale is row[n] + col[k]: the 1 lives in the row part when there is one.
         base_row: shape.base_row.then(|| vec![1.0; shape.n]),
-        base_col: shape.base_col.then(|| vec![1.0; shape.k]),
+        base_col: shape.base_col.then(|| vec![if shape.base_row { 0.0 } else { 1.0 }; shape.k]),
         bias: shape.bias.then(|| vec![0.0; shape.n]),
     };
     for (idx, c) in contributions {
         let s = strengths.get(*idx).copied().unwrap_or(0.0);
+        if s == 0.0 {
+            // Off (DoRA's formulas do not vanish at s = 0; strength 0 means no adapter).
+            continue;
+        }
         match c {
             Contribution::LowRank { first, len, scale } => d.col_scale[*first..first + len].fill(scale * s),
             Contribution::Term { term, scale } => d.terms[*term].0 = scale * s,
+            // Adapters that rescale W₀ stack additively: each adds (its scale − 1).
             Contribution::Ia3 { w, on_input } => {
                 let v = if *on_input { d.base_col.as_mut() } else { d.base_row.as_mut() };
                 if let Some(v) = v {
-                    v.iter_mut().zip(w).for_each(|(x, w)| *x *= 1.0 + s * w);
+                    v.iter_mut().zip(w).for_each(|(x, w)| *x += s * w);
                 }
             }
             Contribution::Bias { b } => {
@@ -122,7 +128,7 @@ fn dynamic(shape: &Shape, contributions: &[(usize, Contribution)], strengths: &[
                 }
                 let bv = if per_in { d.base_col.as_mut() } else { d.base_row.as_mut() };
                 if let Some(v) = bv {
-                    v.iter_mut().zip(&base).for_each(|(x, b)| *x *= b);
+                    v.iter_mut().zip(&base).for_each(|(x, b)| *x += b - 1.0);
                 }
             }
         }
@@ -226,7 +232,7 @@ pub async fn install(
             LayerMut::Linear(l) => {
                 l.adapters = None;
                 match list {
-                    Some(list) => install_weighted(gpu, &l.weight, LayerKind::Linear, list, strengths, base.get(&name))
+                    Some(list) => install_weighted(gpu, &l.weight, l.bias.is_some(), LayerKind::Linear, list, strengths, base.get(&name))
                         .map(|a| l.adapters = Some(a)),
                     None => Ok(()),
                 }
@@ -235,7 +241,7 @@ pub async fn install(
                 c.adapters = None;
                 let taps = c.weight.shape()[2..].iter().product();
                 match list {
-                    Some(list) => install_weighted(gpu, &c.weight, LayerKind::Conv { taps }, list, strengths, base.get(&name))
+                    Some(list) => install_weighted(gpu, &c.weight, c.bias.is_some(), LayerKind::Conv { taps }, list, strengths, base.get(&name))
                         .map(|a| c.adapters = Some(a)),
                     None => Ok(()),
                 }
@@ -384,9 +390,11 @@ pub fn set_strengths(gpu: &Gpu, model: &mut dyn VisitLayers, strengths: &[f32]) 
     failure.map_or(Ok(()), Err)
 }
 
+#[allow(clippy::too_many_arguments)]
 fn install_weighted(
     gpu: &Gpu,
     weight: &Tensor,
+    has_bias: bool,
     kind: LayerKind,
     list: &[(usize, &LayerAdapter)],
     strengths: &[f32],
@@ -395,7 +403,7 @@ fn install_weighted(
     let n = weight.dim(0);
     let k = weight.numel() / n.max(1);
     let dense = if weight.dtype() == DType::F32 { TermKind::DenseF32 } else { TermKind::DenseF16 };
-    let Built { down, up_cols, rank, terms, mut contributions } = build::build(kind, n, k, list, dense)?;
+    let Built { down, up_cols, rank, terms, mut contributions } = build::build(kind, n, k, list, dense, has_bias)?;
     let taps = match kind {
         LayerKind::Linear => 1,
         LayerKind::Conv { taps } => taps,

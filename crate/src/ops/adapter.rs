@@ -7,7 +7,7 @@
 //!   (`alpha/r · strength` of the column's adapter);
 //! - weight terms added while the kernel stages `W₀`: dense matrices (f32 or f16) or Kronecker
 //!   products generated from their factors, each with a scale and optional row / column vectors;
-//! - optional vectors scaling `W₀`'s rows and columns, and a bias delta.
+//! - optional vectors scaling `W₀` by `row[n] + col[k]`, and a bias delta.
 //!
 //! The data is one u32 buffer laid out by [`Layout`]: a small *dynamic* region first (column
 //! scales, the term table, the vectors: everything that depends on strengths), then the
@@ -332,18 +332,18 @@ pub mod reference {
     use super::{Dynamic, Shape, Static, TermKind};
 
     /// The weight `[N, K]` the kernel multiplies by, without the low-rank part:
-    /// `W₀ ⊙ row ⊙ col + Σ scale · row_t · col_t · T`. Dense f16 terms are rounded to f16.
+    /// `W₀ · (row[n] + col[k]) + Σ scale · row_t · col_t · T` (an absent row or col vector
+    /// counts 0; both absent: W₀ as is). Dense f16 terms are rounded to f16.
     pub fn adapted_weight(shape: &Shape, w0: &[f32], d: &Dynamic, s: &Static) -> Vec<f32> {
         let (n, k) = (shape.n, shape.k);
         let mut w = vec![0f32; n * k];
         for r in 0..n {
             for c in 0..k {
                 let mut v = w0[r * k + c] as f64;
-                if let Some(br) = &d.base_row {
-                    v *= br[r] as f64;
-                }
-                if let Some(bc) = &d.base_col {
-                    v *= bc[c] as f64;
+                if d.base_row.is_some() || d.base_col.is_some() {
+                    let f = d.base_row.as_ref().map_or(0.0, |br| br[r] as f64)
+                        + d.base_col.as_ref().map_or(0.0, |bc| bc[c] as f64);
+                    v *= f;
                 }
                 for (t, &(kind, _, _)) in shape.terms.iter().enumerate() {
                     let (scale, row, col) = &d.terms[t];

@@ -72,13 +72,19 @@ pub fn linear_adapted(
 ) -> Result<Tensor> {
     let (rows, k, n, lead) = linear_dims(x, w)?;
     let x2 = x.reshape(&[rows, k])?;
+    // The activations come as [..., R] like x.
+    let t2 = match ad.lowrank {
+        Some(t) => Some(t.reshape(&[t.numel() / t.dim(-1).max(1), t.dim(-1)])?),
+        None => None,
+    };
+    let ad2 = Operands { data: ad.data, params: ad.params, lowrank: t2.as_ref() };
     let y = matmul_inner(
         gpu,
         &x2,
         w,
         MatmulOpts { trans_b: true, bias, alpha: 1.0 },
         Tiles::for_caps(gpu.caps()),
-        Some(ad),
+        Some(&ad2),
     )?;
     let mut shape = lead;
     shape.push(n);
