@@ -12,6 +12,7 @@ mod conv;
 mod elementwise;
 mod layout;
 mod lora_apply;
+mod lora_fixtures;
 mod lora_merge;
 mod lora_parse;
 mod matmul;

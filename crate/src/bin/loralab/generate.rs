@@ -3,7 +3,8 @@
 //! on request, the pipeline's intermediate tensors.
 
 use loralab::io::safetensors::SafetensorsFile;
-use loralab::lora::read_lora;
+use loralab::lora::read_lora_for;
+use loralab::model::config::PipelineConfig;
 use loralab::model::checkpoint::{is_pickle_name, open_path, refuse_pickle};
 use loralab::pipeline::{GenerateOptions, StableDiffusionPipeline, StepProgress, WeightPlan};
 use loralab::sampler::SamplerKind;
@@ -266,7 +267,12 @@ fn write_file(option: &str, path: &Path, bytes: &[u8]) -> Result<(), String> {
 }
 
 /// Reads the `--lora` files and sets them on the pipeline.
-fn load_loras(gpu: &Gpu, pipe: &mut StableDiffusionPipeline, loras: &[(PathBuf, f32, f32)]) -> Result<(), String> {
+fn load_loras(
+    gpu: &Gpu,
+    pipe: &mut StableDiffusionPipeline,
+    config: &PipelineConfig,
+    loras: &[(PathBuf, f32, f32)],
+) -> Result<(), String> {
     let t = Instant::now();
     let mut files = vec![];
     for (path, _, _) in loras {
@@ -278,7 +284,7 @@ fn load_loras(gpu: &Gpu, pipe: &mut StableDiffusionPipeline, loras: &[(PathBuf, 
             return Err(format!("--lora {name}: no such file"));
         }
         let f = SafetensorsFile::open_path(path).map_err(|e| format!("--lora {e}"))?;
-        files.push(std::sync::Arc::new(read_lora(&f).map_err(|e| format!("--lora {e}"))?));
+        files.push(std::sync::Arc::new(read_lora_for(&f, config).map_err(|e| format!("--lora {e}"))?));
     }
     let strengths = loras.iter().map(|(_, te, unet)| (*te, *unet)).collect();
     let report = pollster::block_on(pipe.set_adapters(gpu, files.clone(), strengths)).map_err(|e| format!("--lora {e}"))?;
@@ -330,6 +336,7 @@ pub fn run(args: &[String]) -> Result<ExitCode, String> {
     let gpu_opts = GpuOptions { disable_f16: a.plain, disable_subgroups: a.plain, ..Default::default() };
     let gpu = pollster::block_on(Gpu::new(gpu_opts)).map_err(|e| e.to_string())?;
     let single_default = !a.model.is_dir() && a.config.is_none();
+    let config = ck.config.clone();
     let mut pipe = StableDiffusionPipeline::load(&gpu, ck, WeightPlan::new(a.weights)).map_err(|e| {
         if single_default {
             format!(
@@ -342,7 +349,7 @@ pub fn run(args: &[String]) -> Result<ExitCode, String> {
     })?;
     eprintln!("loaded {} ({} weights) in {:.2} s", a.model.display(), a.weights, t0.elapsed().as_secs_f64());
     if !a.loras.is_empty() {
-        load_loras(&gpu, &mut pipe, &a.loras)?;
+        load_loras(&gpu, &mut pipe, &config, &a.loras)?;
     }
 
     let (dw, dh) = pipe.default_size();
