@@ -371,3 +371,118 @@ fn merge_command_writes_a_loadable_folder() {
     assert!(te.metadata()["loralab_merged_loras"].contains("\"strength\":0.8"));
     let _ = std::fs::remove_dir_all(&dir);
 }
+
+// ---------------------------------------------------------------------------------------------
+// Against the libraries that wrote the fixture files (tests/fixtures/lora): merged_weight must
+// give the weights their forward passes use, at strength 1 and 0.5. Bound 1e-4 relative (the
+// fixtures' stated tolerance; measured on lavapipe: worst 2.2e-6 over 86 text-encoder and UNet
+// outputs, while a wrong rule moves them by several percent).
+
+#[test]
+fn fused_weights_of_diffusers_match_delta_weight() {
+    let (cfg, layers) = tiny_layers();
+    let peft = open_fixture("peft.safetensors", &cfg);
+    let refs = SafetensorsFile::open_path(fixture("lora/refs/fused.safetensors")).expect("refs");
+    let base = open_path(fixture("models/tiny-sd15-a"), None).expect("model");
+    let mut checked = 0;
+    for t in refs.tensors() {
+        let Some(module) = t.name.strip_prefix("fused_weight.") else { continue };
+        let l = peft.layers.iter().find(|l| l.module == module).expect("adapted module");
+        let info = layers.get(l.target, module).expect("layer");
+        let (shape, w) = base.weights(Component::Unet).read_f32(&format!("{module}.weight")).expect("base");
+        let dw = l.delta.delta_weight(&info.shape).expect("delta");
+        let want = refs.read_f32(&t.name).expect("fused");
+        let got: Vec<f32> = w.iter().zip(&dw.data).map(|(w, d)| w + 0.8 * d).collect();
+        let want64: Vec<f64> = want.iter().map(|&x| x as f64).collect();
+        assert!(max_rel(&got, &want64) < 1e-6, "{module}: {}", max_rel(&got, &want64));
+        let (merged, _) = merged_weight(&[(l, 0.8)], &HostTensor::new(shape, w).expect("w"), None, &info.shape).expect("merge");
+        assert!(max_rel(&merged.data, &want64) < 1e-6, "{module}");
+        checked += 1;
+    }
+    assert_eq!(checked, 2);
+}
+
+fn open_fixture(file: &str, cfg: &loralab::model::config::PipelineConfig) -> LoraFile {
+    let reader = loralab::io::LocalFile::open(fixture(&format!("lora/{file}"))).expect("fixture");
+    loralab::lora::open_lora(reader, file, cfg).expect("adapter")
+}
+
+/// The tiny model's component weights with adapters merged by `merged_weight` as they load.
+struct Merged<'a> {
+    inner: &'a loralab::model::checkpoint::ComponentWeights<loralab::io::LocalFile>,
+    plan: &'a loralab::lora::fuse::Plan<'a>,
+    layers: &'a loralab::lora::ModelLayers,
+}
+
+impl loralab::model::WeightSource for Merged<'_> {
+    fn load(&self, gpu: &loralab::Gpu, name: &str, shape: &[usize], dtype: loralab::DType) -> loralab::Result<loralab::Tensor> {
+        let (stored, values) = self.inner.read_f32(name)?;
+        let merged = self.plan.apply(self.inner.component(), name, &stored, &values, self.layers)?;
+        loralab::Tensor::from_f32_as(gpu, shape, merged.as_deref().unwrap_or(&values), dtype)
+    }
+    fn contains(&self, name: &str) -> bool {
+        loralab::model::WeightSource::contains(self.inner, name)
+    }
+    fn describe(&self) -> String {
+        format!("merged {}", self.inner.describe())
+    }
+}
+
+#[test]
+fn merged_weights_reproduce_the_writing_libraries() {
+    use loralab::model::clip::{ClipTextModel, EncodeOpts};
+    use loralab::model::unet::UNet2DConditionModel;
+    use loralab::model::WeightPolicy;
+    let g = super::common::gpu();
+    let (cfg, layers) = tiny_layers();
+    let ck = open_path(fixture("models/tiny-sd15-a"), None).expect("model");
+    let inputs = SafetensorsFile::open_path(fixture("lora/refs/inputs.safetensors")).expect("inputs");
+    let ids: Vec<u32> = inputs.read_f32("input_ids").expect("ids").iter().map(|&x| x as u32).collect();
+    let sample = loralab::Tensor::from_f32(g, &[1, 4, 8, 8], &inputs.read_f32("sample").expect("sample")).expect("upload");
+    let ctx = loralab::Tensor::from_f32(g, &[1, 77, 8], &inputs.read_f32("encoder_hidden_states").expect("ctx")).expect("upload");
+    let manifest = super::lora_parse::manifest();
+    let mut worst = 0f64;
+    let mut runs = 0;
+    for (case, c) in manifest["cases"].as_object().expect("cases") {
+        // (file, weight) pairs of the case.
+        let files: Vec<(String, f32)> = match (c["file"].as_str(), c["adapter_weights"].as_object()) {
+            (Some(f), _) if !case.starts_with("ti_") => vec![(f.to_string(), 1.0)],
+            (None, Some(w)) if case == "stack" => c["files"]
+                .as_array()
+                .expect("files")
+                .iter()
+                .map(|f| {
+                    let f = f.as_str().expect("file");
+                    (f.to_string(), w[f.trim_end_matches(".safetensors")].as_f64().expect("weight") as f32)
+                })
+                .collect(),
+            _ => continue,
+        };
+        let adapters: Vec<(LoraFile, f32)> = files.iter().map(|(f, w)| (open_fixture(f, &cfg), *w)).collect();
+        let refs = SafetensorsFile::open_path(fixture(&format!("lora/{}", c["refs"].as_str().expect("refs")))).expect("refs");
+        for s in c["strengths"].as_array().expect("strengths").iter().map(|s| s.as_f64().expect("s") as f32) {
+            let weighted: Vec<Weighted> = adapters.iter().map(|(f, w)| Weighted { file: f, strength: w * s }).collect();
+            let plan = loralab::lora::fuse::Plan::new(&weighted, &layers).expect("plan");
+            let sfx = if s == 1.0 { String::new() } else { format!("_s{s}") };
+            if let Some(want) = refs.get(&format!("prompt_embeds{sfx}")).map(|t| refs.read_f32(&t.name).expect("ref")) {
+                let src = Merged { inner: &ck.text_encoder, plan: &plan, layers: &layers };
+                let te = ClipTextModel::load(g, &ck.config.text_encoder, &src, WeightPolicy::default()).expect("te");
+                let got = super::common::read(g, &te.encode(g, &[&ids], EncodeOpts::default()).expect("encode"));
+                let e = max_rel(&got, &want.iter().map(|&x| x as f64).collect::<Vec<_>>());
+                assert!(e < 1e-4, "{case} s={s}: prompt_embeds relative error {e:.2e}");
+                worst = worst.max(e);
+                runs += 1;
+            }
+            let want = refs.read_f32(&format!("unet_out{sfx}")).expect("unet ref");
+            let src = Merged { inner: &ck.unet, plan: &plan, layers: &layers };
+            let unet = UNet2DConditionModel::load(g, &ck.config.unet, &src, WeightPolicy::default()).expect("unet");
+            let got = super::common::read(g, &unet.forward(g, &sample, &[500.0], &ctx).expect("forward"));
+            let e = max_rel(&got, &want.iter().map(|&x| x as f64).collect::<Vec<_>>());
+            assert!(e < 1e-4, "{case} s={s}: unet_out relative error {e:.2e}");
+            worst = worst.max(e);
+            runs += 1;
+        }
+    }
+    eprintln!("{runs} forward passes with merged adapters, worst relative error {worst:.2e}");
+    assert!(runs >= 80, "only {runs} references compared");
+}

@@ -347,3 +347,184 @@ fn inspect_json_through_the_binary() {
     assert!(String::from_utf8_lossy(&out.stderr).contains("rank 3"), "{}", String::from_utf8_lossy(&out.stderr));
     let _ = std::fs::remove_dir_all(&dir);
 }
+
+// ---------------------------------------------------------------------------------------------
+// The reference files of tests/fixtures/lora (written by PEFT, diffusers' kohya converter and
+// LyCORIS; see its manifest.json)
+
+pub fn manifest() -> serde_json::Value {
+    let text = std::fs::read_to_string(fixture("lora/manifest.json")).expect("tests/fixtures/lora/manifest.json");
+    serde_json::from_str(&text).expect("manifest JSON")
+}
+
+/// The manifest's module kind: component and the path after the last repeated block
+/// (`unet:attn2.to_k`, `te:mlp.fc1`), text-encoder paths without `text_model.`.
+fn kind_of(target: Target, module: &str) -> String {
+    let (comp, path) = match target {
+        Target::Unet => ("unet", module),
+        Target::TextEncoder => ("te", module.strip_prefix("text_model.").unwrap_or(module)),
+    };
+    let parts: Vec<&str> = path.split('.').collect();
+    let mut cut = 0;
+    for i in 0..parts.len().saturating_sub(1) {
+        let repeated = ["transformer_blocks", "resnets", "attentions", "layers", "downsamplers", "upsamplers"];
+        if repeated.contains(&parts[i]) && parts[i + 1].chars().all(|c| c.is_ascii_digit()) {
+            cut = i + 2;
+        }
+    }
+    let leaf = parts[cut..].join(".");
+    format!("{comp}:{}", if leaf.is_empty() { path } else { &leaf })
+}
+
+/// Checks one layer against the manifest's description of its module kind.
+fn check_layer(case: &str, l: &loralab::lora::LayerAdapter, info: &serde_json::Value) {
+    use loralab::lora::Factor;
+    let what = format!("{case}: {} ({})", l.key, l.module);
+    let module = match &l.delta {
+        Delta::LowRank { .. } => "LoConModule",
+        Delta::LoHa { .. } => "LohaModule",
+        Delta::LoKr { .. } => "LokrModule",
+        Delta::Ia3 { .. } => "IA3Module",
+        Delta::Full { .. } => "FullModule",
+        Delta::Norm { .. } => "NormModule",
+    };
+    if let Some(m) = info["module"].as_str() {
+        assert_eq!(module, m, "{what}");
+    }
+    let factored = l.delta.rank();
+    if let (Some(want), Some(r)) = (info["rank"].as_u64().or(info["dim"].as_u64()), factored) {
+        assert_eq!(r as u64, want, "{what}: rank");
+    }
+    if let (Some(want), Some(r)) = (info["alpha"].as_f64(), factored) {
+        assert_eq!(l.alpha.unwrap_or(r as f32) as f64, want, "{what}: alpha");
+    }
+    if let Some(want) = info["scale"].as_f64() {
+        assert!((l.delta.scale() as f64 - want).abs() < 1e-6 * want.abs().max(1.0), "{what}: scale {} vs {want}", l.delta.scale());
+    }
+    if info["dora"].as_bool() == Some(true) {
+        assert_eq!(l.dora.as_ref().map(|d| d.kind), Some(DoraKind::Peft), "{what}");
+    }
+    if let Some(on_out) = info["dora_wd_on_out"].as_bool() {
+        assert_eq!(l.dora.as_ref().map(|d| d.kind), Some(DoraKind::Lycoris { on_output: on_out }), "{what}");
+    }
+    if let Some(on) = info["on_input"].as_u64() {
+        assert!(matches!(l.delta, Delta::Ia3 { on_input, .. } if on_input == (on == 1)), "{what}: on_input");
+    }
+    if info["tucker"].as_bool() == Some(true) {
+        assert!(matches!(&l.delta, Delta::LowRank { mid: Some(_), .. } | Delta::LoHa { t1: Some(_), .. }), "{what}: Tucker");
+    }
+    if let Delta::LoKr { w1, w2, t2, .. } = &l.delta {
+        let layout = |f: &Factor, t: bool, n: &str| match (f, t) {
+            (Factor::Full(_), _) => "full".to_string(),
+            (Factor::LowRank { .. }, true) => format!("tucker(t2,{n}_a,{n}_b)"),
+            (Factor::LowRank { .. }, false) => format!("{n}_a@{n}_b"),
+        };
+        assert_eq!(Some(layout(w1, false, "w1").as_str()), info["w1"].as_str(), "{what}: w1");
+        assert_eq!(Some(layout(w2, t2.is_some(), "w2").as_str()), info["w2"].as_str(), "{what}: w2");
+    }
+}
+
+#[test]
+fn every_fixture_adapter_reads_as_its_manifest_says() {
+    let m = manifest();
+    let (cfg, layers) = tiny_layers();
+    let mut checked = 0;
+    for (case, c) in m["cases"].as_object().expect("cases") {
+        let Some(file) = c["file"].as_str().filter(|f| !case.starts_with("ti_") && f.ends_with(".safetensors")) else { continue };
+        let reader = loralab::io::LocalFile::open(fixture(&format!("lora/{file}"))).expect("fixture file");
+        let f = open_lora(reader, file, &cfg).unwrap_or_else(|e| panic!("{case}: {e}"));
+        let format = c["format"].as_str().expect("format");
+        let want_format = if format.starts_with("kohya") {
+            Format::Kohya
+        } else if format.starts_with("LyCORIS") {
+            Format::Lycoris
+        } else if format.starts_with("diffusers/PEFT") {
+            Format::Peft
+        } else {
+            Format::DiffusersLegacy
+        };
+        assert_eq!(f.format, want_format, "{case}");
+        let algo = c["algorithm"].as_str().expect("algorithm");
+        let main = match algo.split(' ').next().expect("word") {
+            "lora" | "locon" => Algorithm::Lora,
+            "loha" => Algorithm::LoHa,
+            "lokr" => Algorithm::LoKr,
+            "ia3" => Algorithm::Ia3,
+            "full" => Algorithm::Full,
+            "dora" => Algorithm::Dora,
+            other => panic!("{case}: algorithm {other}"),
+        };
+        assert!(f.algorithms.contains(&main), "{case}: {:?} lacks {main:?}", f.algorithms);
+        assert_eq!(f.algorithms.contains(&Algorithm::Dora), algo.contains("dora"), "{case}");
+        assert!(f.unrecognised.is_empty() && f.warnings.is_empty(), "{case}: {:?} {:?}", f.unrecognised, f.warnings);
+        // Every module kind of the manifest, with its count, rank, alpha, scale and layout.
+        let mut by_kind: BTreeMap<String, Vec<&loralab::lora::LayerAdapter>> = BTreeMap::new();
+        for l in &f.layers {
+            by_kind.entry(kind_of(l.target, &l.module)).or_default().push(l);
+        }
+        let kinds = c["modules"].as_object().expect("modules");
+        let mut total = 0;
+        for (kind, info) in kinds {
+            if kind.contains(":down_blocks") || kind.contains(":up_blocks") || kind.contains(":mid_block") {
+                // A single path listed on its own (one kind with several settings).
+                let (comp, path) = kind.split_once(':').expect("kind");
+                let target = if comp == "te" { Target::TextEncoder } else { Target::Unet };
+                let l = f.layers.iter().find(|l| l.target == target && l.module == path).unwrap_or_else(|| panic!("{case}: {kind}"));
+                check_layer(case, l, info);
+                total += 1;
+                continue;
+            }
+            let got = by_kind.get(kind).unwrap_or_else(|| panic!("{case}: no layers of kind {kind}"));
+            match info["varies"].as_array() {
+                Some(variants) => {
+                    let n: usize = variants.iter().map(|v| v["paths"].as_array().map_or(0, Vec::len)).sum();
+                    assert_eq!(got.len(), n, "{case}: {kind}");
+                    for v in variants {
+                        for p in v["paths"].as_array().expect("paths") {
+                            let p = p.as_str().expect("path");
+                            let l = got.iter().find(|l| l.module.ends_with(p)).unwrap_or_else(|| panic!("{case}: {p}"));
+                            check_layer(case, l, v);
+                        }
+                    }
+                }
+                None => {
+                    assert_eq!(got.len() as u64, info["modules"].as_u64().expect("count"), "{case}: {kind}");
+                    got.iter().for_each(|l| check_layer(case, l, info));
+                }
+            }
+            total += got.len();
+        }
+        assert_eq!(f.layers.len(), total, "{case}: layers not in the manifest");
+        let report = match_model(&f, &layers).unwrap_or_else(|e| panic!("{case}: {e}"));
+        assert_eq!((report.matched, report.warning.as_deref()), (f.layers.len(), None), "{case}");
+        checked += 1;
+    }
+    assert!(checked >= 21, "only {checked} fixture adapters found");
+}
+
+#[test]
+fn inspect_json_on_every_fixture_adapter() {
+    let m = manifest();
+    for (case, c) in m["cases"].as_object().expect("cases") {
+        let Some(file) = c["file"].as_str().filter(|f| !case.starts_with("ti_") && f.ends_with(".safetensors")) else { continue };
+        let out = std::process::Command::new(env!("CARGO_BIN_EXE_loralab"))
+            .args(["lora", "inspect", "--json", "--model"])
+            .arg(fixture("models/tiny-sd15-a"))
+            .arg(fixture(&format!("lora/{file}")))
+            .output()
+            .expect("runs");
+        assert!(out.status.success(), "{case}: {}", String::from_utf8_lossy(&out.stderr));
+        let v: serde_json::Value = serde_json::from_slice(&out.stdout).expect("JSON");
+        let layers = v["layers"].as_u64().expect("layers");
+        assert!(layers > 0 && v["match"]["matched"].as_u64() == Some(layers), "{case}: {}", v["match"]);
+        let meta = &m["files"][file]["metadata"];
+        if let Some(name) = meta["ss_output_name"].as_str() {
+            assert_eq!(v["metadata"]["output_name"], name, "{case}");
+            // ss_tag_frequency {"sks": 10, "dog": 10, "sks dog": 10, "outdoors": 3}.
+            assert_eq!(v["metadata"]["trigger_words"], serde_json::json!(["dog", "sks", "sks dog", "outdoors"]), "{case}");
+        }
+        if meta["lora_adapter_metadata"].is_string() {
+            assert!(v["metadata"]["peft"].as_array().is_some_and(|p| !p.is_empty()), "{case}");
+        }
+    }
+}

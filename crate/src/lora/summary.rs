@@ -113,8 +113,16 @@ impl LoraFile {
     }
 }
 
+fn layers(n: usize) -> String {
+    if n == 1 {
+        "1 layer".to_string()
+    } else {
+        format!("{n} layers")
+    }
+}
+
 fn list(v: &[ValueCount]) -> String {
-    v.iter().map(|c| format!("{} ({} layers)", c.value, c.layers)).collect::<Vec<_>>().join(", ")
+    v.iter().map(|c| format!("{} ({})", c.value, layers(c.layers))).collect::<Vec<_>>().join(", ")
 }
 
 fn size(bytes: u64) -> String {
@@ -134,16 +142,20 @@ impl Summary {
         line("format", self.format.name().to_string());
         let algos: Vec<&str> = self.algorithms.iter().map(|a| a.name()).collect();
         line("algorithms", algos.join(", "));
-        let base = match &self.base_reason {
-            Some(r) => format!("{} (from {r})", self.base.describe()),
-            None => self.base.describe().to_string(),
+        let base = match (&self.base, &self.base_reason) {
+            (BaseModel::Unknown, _) => "unknown".to_string(),
+            (b, Some(r)) => format!("{} (from {r})", b.describe()),
+            (b, None) => b.describe().to_string(),
         };
         line("base model", base);
         line("size", format!("{} ({} bytes), {}", size(self.bytes), self.bytes, self.dtypes.join(", ")));
-        line("layers", format!("{} ({})", self.layers, list(&self.targets)));
+        let per_target: Vec<String> = self.targets.iter().map(|c| format!("{} {}", c.value, c.layers)).collect();
+        line("layers", format!("{} ({})", self.layers, per_target.join(", ")));
         line("ranks", list(&self.ranks));
         line("alphas", list(&self.alphas));
-        line("scales", list(&self.scales));
+        if !self.scales.is_empty() {
+            line("scales", list(&self.scales));
+        }
         if self.dora_layers > 0 {
             line("DoRA", format!("{} layers", self.dora_layers));
         }
