@@ -341,6 +341,23 @@ fn merged_single_file_keeps_compvis_names() {
 }
 
 #[test]
+fn single_file_merged_into_a_folder_with_its_configs() {
+    let (cfg, _) = tiny_layers();
+    let kohya = parse("kohya.safetensors", &kohya_tensors(), &KOHYA_META, &cfg).expect("kohya");
+    let adapters = [Weighted { file: &kohya, strength: 0.5 }];
+    let out = std::env::temp_dir().join(format!("loralab-merge-s2f-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&out);
+    let single = fixture("models/tiny-sd15-a.safetensors");
+    let folder = fixture("models/tiny-sd15-a");
+    let err = fuse_to_path(&single, None, &adapters, &out, OutputDType::F32).expect_err("needs --config").to_string();
+    assert!(err.contains("--config"), "{err}");
+    fuse_to_path(&single, Some(&folder), &adapters, &out, OutputDType::F32).expect("merge");
+    // The single file holds the folder's numbers (float16-exact), so the folder is the base.
+    assert_eq!(check_export(&folder, &out, &adapters, |x| x), 5);
+    let _ = std::fs::remove_dir_all(&out);
+}
+
+#[test]
 fn merge_command_writes_a_loadable_folder() {
     let dir = std::env::temp_dir().join(format!("loralab-merge-cli-{}", std::process::id()));
     let _ = std::fs::remove_dir_all(&dir);

@@ -115,6 +115,23 @@ fn kohya_file_reads_and_matches_the_tiny_model() {
 }
 
 #[test]
+fn sd1_text_encoder_under_the_sdxl_prefix_still_applies() {
+    // diffusers' convert_state_dict_to_kohya writes SD1 text encoders as `lora_te1_`.
+    let (cfg, layers) = tiny_layers();
+    let tensors: Vec<T> = kohya_tensors()
+        .into_iter()
+        .map(|mut t| {
+            t.name = t.name.replace("lora_te_", "lora_te1_");
+            t
+        })
+        .collect();
+    let f = parse("converted.safetensors", &tensors, &KOHYA_META, &cfg).expect("reads");
+    assert_eq!(f.base, BaseModel::Sd1);
+    assert_eq!(f.layers_of(Target::TextEncoder).count(), 1);
+    assert_eq!(match_model(&f, &layers).expect("fits").matched, 5);
+}
+
+#[test]
 fn compvis_names_use_the_model_block_numbering() {
     // tiny-sd15-a has 2 levels with 1 layer per block: input_blocks.1 is down_blocks.0's first
     // layer and output_blocks.2 is up_blocks.1's first (up blocks have 2 layers each).

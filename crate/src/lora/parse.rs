@@ -476,17 +476,16 @@ fn not_an_adapter<R: RangeRead>(file: &SafetensorsFile<R>) -> Error {
     Error::Format { file: file.name().to_string(), tensor: None, message: what }
 }
 
-/// The base model the file is for: key names first (SDXL's `lora_te1_`/`lora_te2_`, its deep
-/// transformer stacks), then layer widths, then the training metadata.
+/// The base model the file is for: key names first (SDXL's second text encoder `lora_te2_`, its
+/// deeper transformer stacks and added embeddings), then layer widths (the UNet's cross-attention
+/// input: 768 SD1, 1024 SD2, 2048 SDXL; else the text encoder's), then the training metadata.
+/// `lora_te1_` alone decides nothing: diffusers' kohya converter writes SD1 text encoders so.
 fn guess_base(
     groups: &BTreeMap<String, Group>,
     layers: &[LayerAdapter],
     other: &[String],
     metadata: &Metadata,
 ) -> (BaseModel, Option<String>) {
-    if let Some(p) = groups.keys().find(|p| p.starts_with("lora_te1_") || p.starts_with("lora_te2_")) {
-        return (BaseModel::Sdxl, Some(format!("SDXL text-encoder keys (`{p}`)")));
-    }
     if let Some(p) = other.first() {
         return (BaseModel::Sdxl, Some(format!("a second text encoder (`{p}`)")));
     }
@@ -495,19 +494,20 @@ fn guess_base(
         dotted.contains("transformer.blocks.") && !dotted.contains("transformer.blocks.0.")
             || dotted.contains("label.emb")
             || dotted.contains("add.embedding")
-            || block_index(p, "input_blocks_").is_some_and(|i| i > 11)
-            || block_index(p, "output_blocks_").is_some_and(|i| i > 11)
     });
     if let Some(p) = sdxl_unet {
         return (BaseModel::Sdxl, Some(format!("SDXL UNet blocks (`{p}`)")));
     }
-    // Cross-attention key/value projections take the text encoder's width.
-    for l in layers {
-        let width = match (&l.target, &l.delta) {
-            (Target::Unet, Delta::LowRank { down, .. }) if l.module.ends_with("attn2.to_k") || l.module.ends_with("attn2.to_v") => down.dim(1),
-            (Target::TextEncoder, Delta::LowRank { down, .. }) if l.module.ends_with("self_attn.q_proj") => down.dim(1),
-            _ => continue,
-        };
+    let width_of = |l: &LayerAdapter| match (&l.target, &l.delta) {
+        (Target::Unet, Delta::LowRank { down, .. }) if l.module.ends_with("attn2.to_k") || l.module.ends_with("attn2.to_v") => {
+            Some(down.dim(1))
+        }
+        (Target::TextEncoder, Delta::LowRank { down, .. }) if l.module.ends_with("self_attn.q_proj") => Some(down.dim(1)),
+        _ => None,
+    };
+    let unet_first = layers.iter().filter(|l| l.target == Target::Unet).chain(layers.iter().filter(|l| l.target != Target::Unet));
+    for l in unet_first {
+        let Some(width) = width_of(l) else { continue };
         let base = match width {
             768 => BaseModel::Sd1,
             1024 => BaseModel::Sd2,
@@ -530,11 +530,8 @@ fn guess_base(
         };
         return (base, Some(format!("training metadata (`{m}`)")));
     }
+    if let Some(p) = groups.keys().find(|p| p.starts_with("lora_te1_")) {
+        return (BaseModel::Unknown, Some(format!("`lora_te1_` keys (`{p}`) are SDXL's or diffusers' SD1 conversion")));
+    }
     (BaseModel::Unknown, None)
-}
-
-/// `N` in `<prefix>N_…` within a kohya key prefix.
-fn block_index(key: &str, marker: &str) -> Option<usize> {
-    let at = key.find(marker)? + marker.len();
-    key[at..].split('_').next()?.parse().ok()
 }

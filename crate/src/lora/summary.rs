@@ -143,7 +143,8 @@ impl Summary {
         let algos: Vec<&str> = self.algorithms.iter().map(|a| a.name()).collect();
         line("algorithms", algos.join(", "));
         let base = match (&self.base, &self.base_reason) {
-            (BaseModel::Unknown, _) => "unknown".to_string(),
+            (BaseModel::Unknown, Some(r)) => format!("unknown ({r})"),
+            (BaseModel::Unknown, None) => "unknown".to_string(),
             (b, Some(r)) => format!("{} (from {r})", b.describe()),
             (b, None) => b.describe().to_string(),
         };
