@@ -55,7 +55,8 @@ pub struct PeftConfig {
     pub other_prefix: Option<String>,
     pub r: Option<usize>,
     pub lora_alpha: Option<f64>,
-    /// In the file's order; the first matching pattern applies.
+    /// Sorted by key (diffusers writes this JSON with sorted keys, so that is the order PEFT
+    /// reads); the first matching pattern applies.
     pub rank_pattern: Vec<(String, usize)>,
     pub alpha_pattern: Vec<(String, f64)>,
     pub use_dora: bool,
