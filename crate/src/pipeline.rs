@@ -402,17 +402,18 @@ impl StableDiffusionPipeline {
         let mut sampler = Sampler::new(opts.sampler, config)?;
         sampler.set_timesteps(opts.steps)?;
 
-        // 1. Prompt embeddings.
+        // 1. Prompt embeddings (A1111 `<lora:…>` tags removed; they must match the adapters).
+        let (prompt, negative) = (self.untagged(&opts.prompt)?, self.untagged(&opts.negative)?);
         let guidance = Guidance::for_unet(opts.cfg, self.unet_config.time_cond_proj_dim);
         let d = self.text_encoder_config.hidden_size;
         let seq = self.tokenizer.max_length();
         let (prompt_embeds, negative_prompt_embeds) = match guidance {
             Guidance::ClassifierFree { .. } => {
-                let mut e = self.encode_prompts(gpu, &[&opts.negative, &opts.prompt], opts.clip_skip).await?;
+                let mut e = self.encode_prompts(gpu, &[&negative, &prompt], opts.clip_skip).await?;
                 let cond = e.pop().expect("two prompts");
                 (cond, e.pop())
             }
-            _ => (self.encode_prompts(gpu, &[&opts.prompt], opts.clip_skip).await?.remove(0), None),
+            _ => (self.encode_prompts(gpu, &[&prompt], opts.clip_skip).await?.remove(0), None),
         };
         let batch = guidance.batch();
         let context: Vec<f32> = match &negative_prompt_embeds {

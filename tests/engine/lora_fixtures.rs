@@ -221,3 +221,102 @@ fn pipeline_with_stacked_adapters_matches_diffusers_ddim() {
     eprintln!("pipeline at strength 0 vs the base reference: {e:.2e}");
     assert!(e < BOUND, "strength 0: {e:.2e}");
 }
+
+fn cli(args: &[&str]) -> std::process::Output {
+    std::process::Command::new(env!("CARGO_BIN_EXE_loralab")).arg("generate").args(args).output().expect("run loralab")
+}
+
+/// `loralab generate --lora … --embedding …` with A1111 tags in the prompt: the tags override
+/// the `--lora` strengths, are removed from the text, and the run equals diffusers' reference;
+/// the PNG's parameters keep the tags.
+#[test]
+fn cli_generate_with_loras_tags_and_embedding() {
+    let dir = std::env::temp_dir().join(format!("loralab-lora-cli-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let manifest: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(fixtures().join("lora/manifest.json")).unwrap()).unwrap();
+    let s = |p: PathBuf| p.to_str().unwrap().to_string();
+    let (png, dump) = (dir.join("lora.png"), dir.join("lora.safetensors"));
+    let prompt = format!("{} <lora:peft:0.7> <lora:KOHYA_B:-0.4:-0.4>", manifest["prompt"].as_str().unwrap());
+    let base = [
+        "--model".to_string(),
+        s(model_dir()),
+        "--negative".into(),
+        manifest["negative_prompt"].as_str().unwrap().into(),
+        "--steps".into(),
+        "4".into(),
+        "--cfg".into(),
+        "7.5".into(),
+        "--sampler".into(),
+        "ddim".into(),
+        "--width".into(),
+        "64".into(),
+        "--height".into(),
+        "64".into(),
+        "--init-latents".into(),
+        s(fixtures().join("refs/tiny-sd15-a/latents.safetensors")),
+        "--lora".into(),
+        s(fixtures().join("lora/peft.safetensors")) + ":0.2",
+        "--lora".into(),
+        s(fixtures().join("lora/kohya_b.safetensors")),
+        "--embedding".into(),
+        s(fixtures().join("lora/ti_diffusers/learned_embeds.safetensors")),
+        "--out".into(),
+        s(png.clone()),
+        "--dump".into(),
+        s(dump.clone()),
+    ];
+    let mut args: Vec<&str> = base.iter().map(String::as_str).collect();
+    args.extend(["--prompt", &prompt]);
+    let out = cli(&args);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{stderr}");
+    assert!(stderr.contains("trigger word `<lx-toy>`"), "{stderr}");
+    let d = open(&dump);
+    let r = refs("pipeline");
+    for name in ["prompt_embeds", "latents_step_3"] {
+        let e = rel(&d.read_f32(name).unwrap(), &r.read_f32(name).unwrap());
+        assert!(e < BOUND, "{name}: {e:.2e}");
+    }
+    let text = loralab::io::png::decode(&std::fs::read(&png).unwrap()).unwrap();
+    let params = text.text("parameters").unwrap();
+    assert!(params.starts_with(&prompt), "{params}");
+
+    // The embedding's trigger word in the prompt gives diffusers' embeddings.
+    let ti = &manifest["cases"]["ti_diffusers"];
+    let ti_prompt = ti["prompt"].as_str().unwrap();
+    // Without the adapters: the --lora pairs dropped.
+    let mut args: Vec<&str> = vec![];
+    let mut it = base.iter().map(String::as_str);
+    while let Some(a) = it.next() {
+        if a == "--lora" {
+            it.next();
+        } else {
+            args.push(a);
+        }
+    }
+    args.extend(["--prompt", ti_prompt]);
+    let out = cli(&args);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let e = rel(&open(&dump).read_f32("prompt_embeds").unwrap(), &refs("ti_diffusers").read_f32("prompt_embeds").unwrap());
+    assert!(e < BOUND, "embedding prompt_embeds {e:.2e}");
+
+    // Errors name the file or the tag and exit non-zero.
+    for (extra, want) in [
+        (vec!["--lora", "/nonexistent/x.safetensors"], "no such file"),
+        (vec!["--lora", "/tmp/x.ckpt"], "pickle"),
+        (vec!["--prompt", "a dog <lora:unknown:1>"], "unknown"),
+        (vec!["--prompt", "a dog <lora:peft:abc>"], "abc"),
+    ] {
+        let mut args: Vec<&str> = base.iter().map(String::as_str).collect();
+        if extra[0] != "--prompt" {
+            args.extend(["--prompt", "a dog"]);
+        }
+        args.extend(extra.iter().copied());
+        let out = cli(&args);
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert!(!out.status.success(), "{extra:?} succeeded");
+        assert!(stderr.to_lowercase().contains(want), "{extra:?}: {stderr}");
+    }
+    let _ = std::fs::remove_dir_all(&dir);
+}

@@ -2,6 +2,10 @@
 //! and a UNet strength, installed into the loaded models without touching their weights
 //! (`crate::adapter`). Strength changes rewrite a few words per adapted layer; a component
 //! released under the low-memory options gets the same adapters back when it reloads.
+//!
+//! Also here: A1111's `<lora:NAME:W>` / `<lora:NAME:TE_W:UNET_W>` prompt tags
+//! ([`StableDiffusionPipeline::apply_prompt_tags`]) and textual-inversion embeddings
+//! ([`StableDiffusionPipeline::add_embedding`]).
 
 use super::{invalid, Slot, StableDiffusionPipeline};
 use crate::adapter::{self, InstallReport, Installed};
@@ -11,12 +15,16 @@ use crate::lora::{LoraFile, Target};
 use crate::model::clip::ClipTextModel;
 use crate::model::unet::UNet2DConditionModel;
 use crate::model::weights::WeightSource;
+use crate::model::textual_inversion::{self, TextualInversion};
 use crate::nn::VisitLayers;
+use crate::prompt::{match_adapter, parse_prompt};
 use std::sync::Arc;
 
 /// The adapters set on a pipeline.
 #[derive(Default)]
 pub(super) struct AdapterState {
+    /// Rows of the tokens added by embeddings (re-applied when the text encoder reloads).
+    pub(super) embedding_rows: Vec<f32>,
     files: Vec<Arc<LoraFile>>,
     /// (text encoder, UNet) strength per file.
     strengths: Vec<(f32, f32)>,
@@ -66,6 +74,9 @@ impl StableDiffusionPipeline {
         let c = &self.text_encoder_config;
         let mut m = ClipTextModel::load_with_table(gpu, c, src, self.plan.text_encoder, self.token_table)?;
         adapter::attach(&mut m, &self.adapters.te);
+        if !self.adapters.embedding_rows.is_empty() {
+            m.set_added_token_rows(gpu, &self.adapters.embedding_rows)?;
+        }
         Ok(m)
     }
 
@@ -97,7 +108,7 @@ impl StableDiffusionPipeline {
         let te_s: Vec<f32> = strengths.iter().map(|s| s.0).collect();
         let unet_s: Vec<f32> = strengths.iter().map(|s| s.1).collect();
         // Clear what was installed first, so a reload during installation sees no stale data.
-        self.adapters = AdapterState::default();
+        self.adapters = AdapterState { embedding_rows: std::mem::take(&mut self.adapters.embedding_rows), ..Default::default() };
         let this = &*self;
         let (te_report, te) = with_model(
             &this.text_encoder,
@@ -153,13 +164,13 @@ impl StableDiffusionPipeline {
                 ));
             }
         }
-        self.adapters = AdapterState { files, strengths, te, unet };
+        self.adapters = AdapterState { embedding_rows: std::mem::take(&mut self.adapters.embedding_rows), files, strengths, te, unet };
         Ok(report)
     }
 
-    /// Removes every adapter.
+    /// Removes every adapter (embeddings stay).
     pub fn clear_adapters(&mut self, _gpu: &Gpu) -> Result<()> {
-        self.adapters = AdapterState::default();
+        self.adapters = AdapterState { embedding_rows: std::mem::take(&mut self.adapters.embedding_rows), ..Default::default() };
         if_resident(&self.text_encoder, "text encoder", |m| adapter::clear(m))?;
         if_resident(&self.unet, "UNet", |m| adapter::clear(m))
     }
@@ -182,5 +193,91 @@ impl StableDiffusionPipeline {
         let (te, unet) = (&self.adapters.te, &self.adapters.unet);
         if_resident(&self.text_encoder, "text encoder", |m| adapter::attach(m, te))?;
         if_resident(&self.unet, "UNet", |m| adapter::attach(m, unet))
+    }
+
+    /// The adapters' display names (file stems), which prompt tags refer to.
+    pub fn adapter_names(&self) -> Vec<String> {
+        self.adapters.files.iter().map(|f| f.display_name()).collect()
+    }
+
+    /// A1111 prompt tags: removes `<lora:NAME:W>` / `<lora:NAME:TE_W:UNET_W>` (and `<lyco:…>`)
+    /// from the prompt and the negative prompt and sets each named adapter's strengths to the
+    /// tag's (adapters not named keep theirs). Names match the loaded adapters' file stems
+    /// (exactly, then ignoring case). Returns notes about tags of other kinds, which are
+    /// removed and ignored.
+    pub fn apply_prompt_tags(&mut self, gpu: &Gpu, opts: &mut super::GenerateOptions) -> Result<Vec<String>> {
+        let pos = parse_prompt(&opts.prompt)?;
+        let neg = parse_prompt(&opts.negative)?;
+        let names = self.adapter_names();
+        let mut strengths = self.adapters.strengths.clone();
+        for tag in pos.loras.iter().chain(&neg.loras) {
+            let i = match_adapter(&tag.name, &names).map_err(|e| invalid(format!("prompt tag `{}`: {e}", tag.tag)))?;
+            strengths[i] = (tag.te_weight, tag.unet_weight);
+        }
+        let notes: Vec<String> = pos
+            .other
+            .iter()
+            .chain(&neg.other)
+            .map(|t| format!("prompt tag `{t}` is not a LoRA tag and was ignored"))
+            .collect();
+        if strengths != self.adapters.strengths {
+            self.set_adapter_strengths(gpu, &strengths)?;
+        }
+        opts.prompt = pos.text;
+        opts.negative = neg.text;
+        Ok(notes)
+    }
+
+    /// The prompt text without tags; tags must agree with the adapters' strengths (set by
+    /// [`apply_prompt_tags`](Self::apply_prompt_tags)), so a tag is never silently ignored.
+    pub(super) fn untagged(&self, text: &str) -> Result<String> {
+        let p = parse_prompt(text)?;
+        let names = self.adapter_names();
+        for tag in &p.loras {
+            let i = match_adapter(&tag.name, &names).map_err(|e| invalid(format!("prompt tag `{}`: {e}", tag.tag)))?;
+            if self.adapters.strengths[i] != (tag.te_weight, tag.unet_weight) {
+                return Err(invalid(format!(
+                    "prompt tag `{}` asks for other strengths than the adapter has; apply the prompt's tags first \
+                     (StableDiffusionPipeline::apply_prompt_tags)",
+                    tag.tag
+                )));
+            }
+        }
+        Ok(p.text)
+    }
+
+    /// Loads a textual-inversion embedding: its trigger word (and `word_1`, … for more
+    /// vectors) becomes usable in prompts. Returns the token ids.
+    pub fn add_embedding(&mut self, gpu: &Gpu, embedding: &TextualInversion) -> Result<Vec<u32>> {
+        // Load the text encoder when it was released.
+        drop(self.text_encoder.get("text encoder", |src| self.reload_text_encoder(gpu, src))?);
+        let tokenizer = &mut self.tokenizer;
+        let rows = &mut self.adapters.embedding_rows;
+        let mut guard = self.text_encoder.lock();
+        let m = guard
+            .as_mut()
+            .and_then(Arc::get_mut)
+            .ok_or_else(|| invalid("the text encoder is in use or not loaded"))?;
+        let ids = textual_inversion::add_embedding(gpu, tokenizer, m, embedding)?;
+        *rows = m.added_token_rows().to_vec();
+        Ok(ids)
+    }
+
+    /// Removes the embedding with this trigger word.
+    pub fn remove_embedding(&mut self, gpu: &Gpu, token: &str) -> Result<()> {
+        drop(self.text_encoder.get("text encoder", |src| self.reload_text_encoder(gpu, src))?);
+        let mut guard = self.text_encoder.lock();
+        let m = guard
+            .as_mut()
+            .and_then(Arc::get_mut)
+            .ok_or_else(|| invalid("the text encoder is in use or not loaded"))?;
+        textual_inversion::remove_embedding(gpu, &mut self.tokenizer, m, token)?;
+        self.adapters.embedding_rows = m.added_token_rows().to_vec();
+        Ok(())
+    }
+
+    /// The loaded embeddings: (trigger word, vectors).
+    pub fn embeddings(&self) -> Vec<(String, usize)> {
+        textual_inversion::embeddings(&self.tokenizer)
     }
 }

@@ -33,6 +33,12 @@ pub const USAGE: &str = "  loralab generate --model PATH --prompt TEXT --out IMA
                                         DoRA; kohya, LyCORIS, diffusers/PEFT files) unmerged at
                                         strength W (default 1), or separate text-encoder / UNet
                                         strengths; repeatable, adapters add up
+      --embedding FILE                  load a textual-inversion embedding (A1111 or diffusers
+                                        .safetensors); its trigger word works in the prompt;
+                                        repeatable
+                                        A1111 tags in the prompt, <lora:NAME:W> or
+                                        <lora:NAME:TE_W:UNET_W>, set the strengths of the --lora
+                                        adapter NAME (its file stem) and are removed from the text
       --plain                           no shader-f16 / subgroups
 ";
 
@@ -47,6 +53,9 @@ struct Args {
     plain: bool,
     /// (file, text-encoder strength, UNet strength)
     loras: Vec<(PathBuf, f32, f32)>,
+    embeddings: Vec<PathBuf>,
+    /// The adapters' (name, strengths) after the prompt's tags, for the PNG text.
+    adapters_used: Vec<(String, (f32, f32))>,
     opts: GenerateOptions,
 }
 
@@ -91,6 +100,8 @@ fn parse_args(args: &[String]) -> Result<Args, String> {
         clip_skip: 1,
         plain: false,
         loras: vec![],
+        embeddings: vec![],
+        adapters_used: vec![],
         opts: GenerateOptions { sampler: SamplerKind::EulerAncestral, ..Default::default() },
     };
     let mut seed = None;
@@ -121,6 +132,7 @@ fn parse_args(args: &[String]) -> Result<Args, String> {
             "--dump",
             "--out",
             "--lora",
+            "--embedding",
         ];
         if !known.contains(&name) {
             return Err(usage_err(format!("unknown option `{arg}`")));
@@ -188,6 +200,7 @@ fn parse_args(args: &[String]) -> Result<Args, String> {
             "--dump" => a.dump = Some(PathBuf::from(v)),
             "--out" => out = Some(PathBuf::from(v)),
             "--lora" => a.loras.push(parse_lora(&v)?),
+            "--embedding" => a.embeddings.push(PathBuf::from(v)),
             _ => unreachable!("listed above"),
         }
     }
@@ -225,6 +238,19 @@ fn model_name(path: &Path) -> String {
 fn parameters(a: &Args, width: usize, height: usize) -> String {
     let o = &a.opts;
     let mut s = o.prompt.clone();
+    // A1111 keeps adapters as prompt tags: add those the prompt does not name.
+    let tagged: Vec<String> = loralab::prompt::parse_prompt(&o.prompt)
+        .map(|p| p.loras.into_iter().map(|t| t.name).collect())
+        .unwrap_or_default();
+    for (name, (te, unet)) in &a.adapters_used {
+        if (*te != 0.0 || *unet != 0.0) && loralab::prompt::match_adapter(name, &tagged).is_err() {
+            if te == unet {
+                s.push_str(&format!(" <lora:{name}:{te}>"));
+            } else {
+                s.push_str(&format!(" <lora:{name}:{te}:{unet}>"));
+            }
+        }
+    }
     if !o.negative.is_empty() {
         s.push_str(&format!("\nNegative prompt: {}", o.negative));
     }
@@ -351,6 +377,21 @@ pub fn run(args: &[String]) -> Result<ExitCode, String> {
     if !a.loras.is_empty() {
         load_loras(&gpu, &mut pipe, &config, &a.loras)?;
     }
+    for path in &a.embeddings {
+        let name = path.display().to_string();
+        if is_pickle_name(&name) {
+            return Err(format!("--embedding {}", refuse_pickle(&name)));
+        }
+        let emb = loralab::model::textual_inversion::open_path(path).map_err(|e| format!("--embedding {e}"))?;
+        let ids = pipe.add_embedding(&gpu, &emb).map_err(|e| format!("--embedding {e}"))?;
+        eprintln!("embedding {name}: trigger word `{}` ({} vectors)", emb.token, ids.len());
+    }
+    // Prompt tags set adapter strengths; the PNG text keeps the prompt as written.
+    let mut untagged = a.opts.clone();
+    for note in pipe.apply_prompt_tags(&gpu, &mut untagged).map_err(|e| format!("--prompt {e}"))? {
+        eprintln!("warning: {note}");
+    }
+    a.adapters_used = pipe.adapters().iter().map(|(f, s)| (f.display_name(), *s)).collect();
 
     let (dw, dh) = pipe.default_size();
     let (width, height) = (a.opts.width.unwrap_or(dw), a.opts.height.unwrap_or(dh));
@@ -372,7 +413,8 @@ pub fn run(args: &[String]) -> Result<ExitCode, String> {
         eprintln!("step {}/{}  t={}  {:.2} s", p.step + 1, p.steps, p.timestep, last.elapsed().as_secs_f64());
         last = Instant::now();
     };
-    let out = pollster::block_on(pipe.generate(&gpu, &a.opts, &mut progress)).map_err(|e| e.to_string())?;
+    let run = GenerateOptions { prompt: untagged.prompt.clone(), negative: untagged.negative.clone(), ..a.opts.clone() };
+    let out = pollster::block_on(pipe.generate(&gpu, &run, &mut progress)).map_err(|e| e.to_string())?;
     eprintln!("generated in {:.2} s", t1.elapsed().as_secs_f64());
     if let Some(t) = out.vae_tiling {
         let n = t.tile_latent;
