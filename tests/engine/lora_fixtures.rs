@@ -320,3 +320,64 @@ fn cli_generate_with_loras_tags_and_embedding() {
     }
     let _ = std::fs::remove_dir_all(&dir);
 }
+
+/// Fusing the adapters into the weights gives the unmerged run's result; unfusing restores
+/// the unmerged adapters bit for bit; on q4_0 weights the report measures what the
+/// requantization lost.
+#[test]
+fn fuse_and_unfuse_on_the_pipeline() {
+    let gpu = gpu();
+    let opts = GenerateOptions {
+        prompt: "a red circle".into(),
+        steps: 2,
+        cfg: 7.5,
+        sampler: SamplerKind::Ddim,
+        width: Some(64),
+        height: Some(64),
+        init_latents: Some(open(&fixtures().join("refs/tiny-sd15-a/latents.safetensors")).read_f32("latents").unwrap()),
+        ..Default::default()
+    };
+    let files = || vec![Arc::new(lora("peft")), Arc::new(lora("lycoris_loha"))];
+    for dt in [DType::F32, DType::Q4_0] {
+        let ck: Checkpoint<LocalFile> = open_path(&model_dir(), None).unwrap();
+        let mut pipe = StableDiffusionPipeline::load(gpu, ck, WeightPlan::new(dt)).unwrap();
+        block(pipe.set_adapters(gpu, files(), vec![(0.8, 0.8), (0.5, 0.6)])).unwrap();
+        let unmerged = block(pipe.generate(gpu, &opts, &mut |_| {})).unwrap();
+        let (te, unet) = block(pipe.fuse_adapters(gpu)).unwrap();
+        assert!(pipe.adapters_fused() && te.layers > 0 && unet.layers > 0);
+        assert!(pipe.set_adapter_strengths(gpu, &[(1.0, 1.0), (1.0, 1.0)]).is_err(), "strengths change while fused");
+        let fused = block(pipe.generate(gpu, &opts, &mut |_| {})).unwrap();
+        let e = rel(fused.latents.last().unwrap(), unmerged.latents.last().unwrap());
+        eprintln!("{dt}: fused vs unmerged {e:.2e}, worst requantization loss {:?}", unet.worst_loss);
+        match dt {
+            DType::F32 => {
+                assert!(e < BOUND, "{dt}: fused vs unmerged {e:.2e}");
+                assert!(unet.worst_loss.is_none());
+            }
+            _ => {
+                let loss = unet.worst_loss.as_ref().unwrap().1;
+                assert!(loss > 0.0 && loss.is_finite());
+                assert!(e < 0.5, "{dt}: fused vs unmerged {e:.2e}");
+            }
+        }
+        block(pipe.unfuse_adapters(gpu)).unwrap();
+        let again = block(pipe.generate(gpu, &opts, &mut |_| {})).unwrap();
+        assert_eq!(again.latents, unmerged.latents, "{dt}: unfuse did not restore the unmerged adapters");
+    }
+    // Low-memory pipelines reload components from the file: fusing is refused.
+    let ck: Checkpoint<LocalFile> = open_path(&model_dir(), None).unwrap();
+    let mut pipe = StableDiffusionPipeline::load_with_options(
+        gpu,
+        ck,
+        WeightPlan::new(DType::F32),
+        loralab::pipeline::PipelineOptions::low_memory(),
+    )
+    .unwrap();
+    block(pipe.set_adapters(gpu, files(), vec![(1.0, 1.0), (1.0, 1.0)])).unwrap();
+    let err = block(pipe.fuse_adapters(gpu)).unwrap_err().to_string();
+    assert!(err.contains("low-memory"), "{err}");
+    // …but the unmerged adapters survive the reloads.
+    let a = block(pipe.generate(gpu, &opts, &mut |_| {})).unwrap();
+    let b = block(pipe.generate(gpu, &opts, &mut |_| {})).unwrap();
+    assert_eq!(a.latents, b.latents);
+}

@@ -10,6 +10,7 @@
 //! adapters rebuilds only the adapter data.
 
 pub mod build;
+pub mod fuse;
 
 use crate::error::{Error, Result};
 use crate::gpu::{Gpu, GpuBuffer};

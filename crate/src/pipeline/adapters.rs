@@ -8,6 +8,7 @@
 //! ([`StableDiffusionPipeline::add_embedding`]).
 
 use super::{invalid, Slot, StableDiffusionPipeline};
+use crate::adapter::fuse::{FuseReport, Originals};
 use crate::adapter::{self, InstallReport, Installed};
 use crate::error::{Error, Result};
 use crate::gpu::Gpu;
@@ -30,6 +31,8 @@ pub(super) struct AdapterState {
     strengths: Vec<(f32, f32)>,
     te: Installed,
     unet: Installed,
+    /// After [`StableDiffusionPipeline::fuse_adapters`]: the original weights (text encoder, UNet).
+    fused: Option<(Originals, Originals)>,
 }
 
 /// What [`StableDiffusionPipeline::set_adapters`] installed.
@@ -104,6 +107,7 @@ impl StableDiffusionPipeline {
         if files.len() != strengths.len() {
             return Err(invalid(format!("{} adapter files but {} strengths", files.len(), strengths.len())));
         }
+        self.not_fused()?;
         let refs: Vec<&LoraFile> = files.iter().map(|f| f.as_ref()).collect();
         let te_s: Vec<f32> = strengths.iter().map(|s| s.0).collect();
         let unet_s: Vec<f32> = strengths.iter().map(|s| s.1).collect();
@@ -164,12 +168,20 @@ impl StableDiffusionPipeline {
                 ));
             }
         }
-        self.adapters = AdapterState { embedding_rows: std::mem::take(&mut self.adapters.embedding_rows), files, strengths, te, unet };
+        self.adapters = AdapterState {
+            embedding_rows: std::mem::take(&mut self.adapters.embedding_rows),
+            files,
+            strengths,
+            te,
+            unet,
+            fused: None,
+        };
         Ok(report)
     }
 
     /// Removes every adapter (embeddings stay).
     pub fn clear_adapters(&mut self, _gpu: &Gpu) -> Result<()> {
+        self.not_fused()?;
         self.adapters = AdapterState { embedding_rows: std::mem::take(&mut self.adapters.embedding_rows), ..Default::default() };
         if_resident(&self.text_encoder, "text encoder", |m| adapter::clear(m))?;
         if_resident(&self.unet, "UNet", |m| adapter::clear(m))
@@ -178,6 +190,7 @@ impl StableDiffusionPipeline {
     /// Changes the strengths ((text encoder, UNet) per file, in the order of
     /// [`set_adapters`](Self::set_adapters)): a few words per adapted layer are rewritten.
     pub fn set_adapter_strengths(&mut self, gpu: &Gpu, strengths: &[(f32, f32)]) -> Result<()> {
+        self.not_fused()?;
         if strengths.len() != self.adapters.files.len() {
             return Err(invalid(format!(
                 "{} strengths for {} adapter files",
@@ -279,5 +292,84 @@ impl StableDiffusionPipeline {
     /// The loaded embeddings: (trigger word, vectors).
     pub fn embeddings(&self) -> Vec<(String, usize)> {
         textual_inversion::embeddings(&self.tokenizer)
+    }
+
+    fn not_fused(&self) -> Result<()> {
+        if self.adapters.fused.is_some() {
+            return Err(invalid("the adapters are fused into the weights; unfuse them first"));
+        }
+        Ok(())
+    }
+
+    /// Whether the adapters are fused into the weights.
+    pub fn adapters_fused(&self) -> bool {
+        self.adapters.fused.is_some()
+    }
+
+    /// Merges the adapters, at their current strengths, into the loaded weights (diffusers'
+    /// `fuse_lora`): the same images, without the adapters' per-step cost. On quantized
+    /// weights the merge is requantized; the report's [`FuseReport::warning`] says when that
+    /// lost a noticeable part of an adapter. The original weights are kept for
+    /// [`unfuse_adapters`](Self::unfuse_adapters). Not available with the low-memory options
+    /// (a released component would reload without the merge); `loralab merge` writes a merged
+    /// model file instead.
+    pub async fn fuse_adapters(&mut self, gpu: &Gpu) -> Result<(FuseReport, FuseReport)> {
+        self.not_fused()?;
+        if self.text_encoder.source.is_some() || self.unet.source.is_some() {
+            return Err(invalid(
+                "fusing needs the text encoder and UNet resident; it is not available with the low-memory options",
+            ));
+        }
+        let files = self.adapters.files.clone();
+        let refs: Vec<&LoraFile> = files.iter().map(|f| f.as_ref()).collect();
+        let te_s: Vec<f32> = self.adapters.strengths.iter().map(|s| s.0).collect();
+        let unet_s: Vec<f32> = self.adapters.strengths.iter().map(|s| s.1).collect();
+        let this = &*self;
+        let (te_orig, te_rep) = with_model(
+            &this.text_encoder,
+            "text encoder",
+            |src| this.reload_text_encoder(gpu, src),
+            async |m: &mut ClipTextModel| adapter::fuse::fuse(gpu, m, Target::TextEncoder, &refs, &te_s).await,
+        )
+        .await?;
+        let unet = with_model(
+            &this.unet,
+            "UNet",
+            |src| this.reload_unet(gpu, src),
+            async |m: &mut UNet2DConditionModel| adapter::fuse::fuse(gpu, m, Target::Unet, &refs, &unet_s).await,
+        )
+        .await;
+        let (unet_orig, unet_rep) = match unet {
+            Ok(r) => r,
+            Err(e) => {
+                // Leave nothing half-fused.
+                if_resident(&self.text_encoder, "text encoder", |m| adapter::fuse::unfuse(m, &te_orig))?;
+                self.reattach()?;
+                return Err(e);
+            }
+        };
+        self.adapters.te = Installed::default();
+        self.adapters.unet = Installed::default();
+        self.adapters.fused = Some((te_orig, unet_orig));
+        Ok((te_rep, unet_rep))
+    }
+
+    /// Restores the weights from before [`fuse_adapters`](Self::fuse_adapters) and applies the
+    /// adapters unmerged again, at the same strengths.
+    pub async fn unfuse_adapters(&mut self, gpu: &Gpu) -> Result<()> {
+        let Some((te, unet)) = self.adapters.fused.take() else {
+            return Err(invalid("no adapters are fused"));
+        };
+        if_resident(&self.text_encoder, "text encoder", |m| adapter::fuse::unfuse(m, &te))?;
+        if_resident(&self.unet, "UNet", |m| adapter::fuse::unfuse(m, &unet))?;
+        let (files, strengths) = (self.adapters.files.clone(), self.adapters.strengths.clone());
+        self.set_adapters(gpu, files, strengths).await?;
+        Ok(())
+    }
+
+    fn reattach(&mut self) -> Result<()> {
+        let (te, unet) = (&self.adapters.te, &self.adapters.unet);
+        if_resident(&self.text_encoder, "text encoder", |m| adapter::attach(m, te))?;
+        if_resident(&self.unet, "UNet", |m| adapter::attach(m, unet))
     }
 }
