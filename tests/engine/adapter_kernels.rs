@@ -46,7 +46,7 @@ fn build(n: usize, k: usize, kk: usize, parts: Parts, seed: u64) -> (Shape, Dyna
     };
     let mut s = Static { up: randn(n * parts.rank, seed + 4), terms: vec![] };
     let mut add = |kind: TermKind, m0: Vec<f32>, m1: Vec<f32>, i: u64| {
-        let row = parts.vectors && i % 2 == 0;
+        let row = parts.vectors && i.is_multiple_of(2);
         let col = parts.vectors && i % 2 == 1;
         shape.terms.push((kind, row, col));
         d.terms.push((
@@ -65,7 +65,7 @@ fn build(n: usize, k: usize, kk: usize, parts: Parts, seed: u64) -> (Shape, Dyna
     if let Some((a, _)) = parts.kron {
         let c = n / a;
         let cin = k / kk;
-        let b = if cin % 2 == 0 { 2 } else { 1 };
+        let b = if cin.is_multiple_of(2) { 2 } else { 1 };
         let dd = cin / b;
         add(TermKind::Kron { a, b, c, d: dd, kk }, randn(a * b, seed + 7), randn(c * dd * kk, seed + 8), 2);
     }

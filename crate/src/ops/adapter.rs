@@ -209,13 +209,16 @@ impl Shape {
     }
 }
 
+/// One term's strength-dependent values: scale, row vector `[N]`, column vector `[K]`.
+pub type TermScales = (f32, Option<Vec<f32>>, Option<Vec<f32>>);
+
 /// The strength-dependent values of one layer.
 #[derive(Clone, Debug, Default, PartialEq)]
 pub struct Dynamic {
     /// `[R]`.
     pub col_scale: Vec<f32>,
-    /// Per term: scale, row vector `[N]`, column vector `[K]`.
-    pub terms: Vec<(f32, Option<Vec<f32>>, Option<Vec<f32>>)>,
+    /// Per term.
+    pub terms: Vec<TermScales>,
     pub base_row: Option<Vec<f32>>,
     pub base_col: Option<Vec<f32>>,
     pub bias: Option<Vec<f32>>,
