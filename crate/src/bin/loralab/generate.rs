@@ -4,6 +4,7 @@
 
 use loralab::io::safetensors::SafetensorsFile;
 use loralab::lora::read_lora_for;
+use loralab::parameters::a1111_sampler;
 use loralab::model::config::PipelineConfig;
 use loralab::model::checkpoint::{is_pickle_name, open_path, refuse_pickle};
 use loralab::pipeline::{GenerateOptions, StableDiffusionPipeline, StepProgress, WeightPlan};
@@ -216,18 +217,6 @@ fn parse_args(args: &[String]) -> Result<Args, String> {
     Ok(a)
 }
 
-/// The A1111 name of a sampler.
-fn a1111_sampler(kind: SamplerKind) -> &'static str {
-    match kind {
-        SamplerKind::Ddim => "DDIM",
-        SamplerKind::Euler => "Euler",
-        SamplerKind::EulerAncestral => "Euler a",
-        SamplerKind::DpmPp2M => "DPM++ 2M",
-        SamplerKind::DpmPp2MKarras => "DPM++ 2M Karras",
-        SamplerKind::Lcm => "LCM",
-    }
-}
-
 /// The model's name as A1111 writes it: the file stem or the folder name.
 fn model_name(path: &Path) -> String {
     let p = if path.is_dir() { path.file_name() } else { path.file_stem() };
@@ -237,7 +226,7 @@ fn model_name(path: &Path) -> String {
 /// A1111's `parameters` text.
 fn parameters(a: &Args, width: usize, height: usize) -> String {
     let o = &a.opts;
-    let mut s = o.prompt.clone();
+    let mut prompt = o.prompt.clone();
     // A1111 keeps adapters as prompt tags: add those the prompt does not name.
     let tagged: Vec<String> = loralab::prompt::parse_prompt(&o.prompt)
         .map(|p| p.loras.into_iter().map(|t| t.name).collect())
@@ -245,30 +234,27 @@ fn parameters(a: &Args, width: usize, height: usize) -> String {
     for (name, (te, unet)) in &a.adapters_used {
         if (*te != 0.0 || *unet != 0.0) && loralab::prompt::match_adapter(name, &tagged).is_err() {
             if te == unet {
-                s.push_str(&format!(" <lora:{name}:{te}>"));
+                prompt.push_str(&format!(" <lora:{name}:{te}>"));
             } else {
-                s.push_str(&format!(" <lora:{name}:{te}:{unet}>"));
+                prompt.push_str(&format!(" <lora:{name}:{te}:{unet}>"));
             }
         }
     }
-    if !o.negative.is_empty() {
-        s.push_str(&format!("\nNegative prompt: {}", o.negative));
-    }
-    s.push_str(&format!(
-        "\nSteps: {}, Sampler: {}, CFG scale: {}, Seed: {}, Size: {width}x{height}, Model: {}",
-        o.steps,
-        a1111_sampler(o.sampler),
-        o.cfg,
-        o.seed,
-        model_name(&a.model)
-    ));
+    let mut settings = vec![
+        ("Steps", o.steps.to_string()),
+        ("Sampler", a1111_sampler(o.sampler).to_string()),
+        ("CFG scale", o.cfg.to_string()),
+        ("Seed", o.seed.to_string()),
+        ("Size", format!("{width}x{height}")),
+        ("Model", model_name(&a.model)),
+    ];
     if a.clip_skip > 1 {
-        s.push_str(&format!(", Clip skip: {}", a.clip_skip));
+        settings.push(("Clip skip", a.clip_skip.to_string()));
     }
     if a.weights != DType::F32 {
-        s.push_str(&format!(", Weights: {}", a.weights));
+        settings.push(("Weights", a.weights.to_string()));
     }
-    s
+    loralab::parameters::format(&prompt, &o.negative, &settings)
 }
 
 /// Reads `latents` from an `--init-latents` file, checking its shape.
