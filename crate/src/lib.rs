@@ -11,6 +11,7 @@ pub mod lora;
 pub mod model;
 pub mod nn;
 pub mod ops;
+pub mod parameters;
 pub mod pipeline;
 pub mod prompt;
 pub mod quant;
