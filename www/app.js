@@ -1,152 +1,166 @@
-// Page glue: starts the engine's Worker, shows the adapter, runs the self-test on load and on the
-// button. <html data-state> ends as "passed", "failed", "unavailable" or "error" (tests wait on it).
+// The page: starts the engine's Worker (ui/engine.js), then wires the panels (ui/*.js).
+// <html data-state> is "loading", then "ready" (the engine opened the GPU), "unavailable" (no
+// WebGPU) or "error" (the engine stopped); tests wait on it. Panels carry their own state:
+// #model[data-state] none/loading/loaded/error, #output[data-state] idle/running/done/error,
+// #device[data-selftest] idle/running/passed/failed/error.
+import { $, ext } from "./ui/dom.js";
+import { Engine } from "./ui/engine.js";
+import { initDevice, showAdapter, refreshDevice } from "./ui/device.js";
+import { initModel, loadDefaultModel, loadModelFiles, refreshCache } from "./ui/model.js";
+import { initGenerate, restoreParameters } from "./ui/generate.js";
+import { initLoras, addLoras } from "./ui/lora.js";
+import { initGrid } from "./ui/grid.js";
 
-const $ = (id) => document.getElementById(id);
 const setState = (s) => { document.documentElement.dataset.state = s; };
+
+/** What the modules share. */
+const app = {
+  engine: new Engine(new URL("./worker.js", import.meta.url)),
+  /** The loaded model (`load_model`'s value) or null. */
+  model: null,
+  /** Calls `fn` after the engine reports something that changes GPU memory. */
+  refreshDevice: () => refreshDevice(app),
+  /** Shows an engine error: the page-wide notice for lost devices and dead workers. */
+  fatal,
+  isFatal: (err) => ["DeviceLostError", "NoAdapterError", "WorkerError"].includes(err?.name),
+};
 
 function showUnavailable(message) {
   setState("unavailable");
   $("unavailable-message").textContent = message;
   $("unavailable").hidden = false;
-  $("status").textContent = "WebGPU unavailable: the self-test cannot run in this browser.";
-  $("run").disabled = true;
-  fillAdapter([["Status", "No WebGPU adapter"]]);
+  $("app").classList.add("disabled");
+  $("engine-status").textContent = "WebGPU unavailable: the engine cannot run in this browser.";
+  $("selftest-status").textContent = "WebGPU unavailable: the self-test cannot run in this browser.";
+  for (const b of document.querySelectorAll("#app button, #app input, #app select, #app textarea")) b.disabled = true;
 }
 
-function showError(message) {
+function fatal(err) {
+  if (err?.name === "NoAdapterError") {
+    showUnavailable(err.message);
+    return;
+  }
   setState("error");
-  $("error-message").textContent = message;
+  $("error-message").textContent = err?.name === "DeviceLostError"
+    ? `The GPU device was lost (${err.message}). Reload the page to start the engine again.`
+    : String(err?.message ?? err);
   $("error").hidden = false;
-  $("status").textContent = "The engine stopped with an error.";
+  $("engine-status").textContent = "The engine stopped with an error.";
 }
 
-function fillAdapter(rows) {
-  const dl = $("adapter-info");
-  dl.replaceChildren();
-  for (const [k, v] of rows) {
-    const dt = document.createElement("dt");
-    dt.textContent = k;
-    const dd = document.createElement("dd");
-    dd.textContent = v;
-    dl.append(dt, dd);
-  }
-}
-
-const yesNo = (b) => (b ? "yes" : "no");
-const bytes = (n) => (n >= 2 ** 30 ? `${(n / 2 ** 30).toFixed(1)} GiB` : n >= 2 ** 20 ? `${(n / 2 ** 20).toFixed(1)} MiB` : `${(n / 1024).toFixed(1)} KiB`);
-
-function showAdapter({ engine, browser }) {
-  const a = engine.adapter;
-  const c = engine.caps;
-  const b = browser ?? {};
-  const name = a.name || [b.vendor, b.architecture, b.device].filter(Boolean).join(" ") || "(not reported by the browser)";
-  fillAdapter([
-    ["Adapter", name],
-    ["Vendor / architecture", [b.vendor, b.architecture].filter(Boolean).join(" / ") || "(not reported)"],
-    ["Backend", a.backend],
-    ["Device type", `${a.device_type}${b.isFallbackAdapter ? " (fallback adapter: software rendering)" : ""}`],
-    ["shader-f16", yesNo(c.shader_f16)],
-    ["subgroups", c.subgroups ? `yes (size ${c.subgroup_min_size}–${c.subgroup_max_size})` : "no"],
-    ["timestamp-query", yesNo(c.timestamp_query)],
-    ["Max buffer / binding", `${bytes(c.max_buffer_size)} / ${bytes(c.max_storage_buffer_binding_size)}`],
-    ["Storage buffers per stage", String(c.max_storage_buffers_per_stage)],
-    ["Workgroup storage", bytes(c.max_workgroup_storage)],
-    ["Invocations per workgroup", String(c.max_invocations_per_workgroup)],
-    ["Adapter features", (b.features ?? engine.adapter_features).join(", ") || "none"],
-  ]);
-}
-
-function cell(text, cls) {
-  const td = document.createElement("td");
-  td.textContent = text;
-  if (cls) td.className = cls;
-  return td;
-}
-
-function showReport(r) {
-  const rows = r.cases.map((c) => {
-    const tr = document.createElement("tr");
-    if (!c.passed) tr.className = "failed";
-    tr.append(
-      cell(c.passed ? "pass" : "FAIL", c.passed ? "pass" : "fail"),
-      cell(c.op),
-      cell(c.case),
-      cell(c.nmse === null || Number.isNaN(c.nmse) ? "–" : c.nmse.toExponential(2), "num"),
-      cell(c.bound.toExponential(0), "num"),
-      cell(c.ms.toFixed(1), "num"),
-      cell(c.error ?? ""),
-    );
-    return tr;
-  });
-  $("results").tBodies[0].replaceChildren(...rows);
-  const ok = r.cases.length - r.failed;
-  $("status").textContent = `${r.passed ? "All" : "Only"} ${ok} of ${r.cases.length} cases passed in ${Math.round(r.total_ms)} ms (${r.families.join(", ")}).`;
-  setState(r.passed ? "passed" : "failed");
-}
-
-// --- the Worker and its request/response protocol ---------------------------------------------
-let worker = null;
-let nextId = 1;
-const pending = new Map();
-
-function startWorker() {
-  worker = new Worker(new URL("./worker.js", import.meta.url), { type: "module" });
-  worker.onmessage = ({ data }) => {
-    const p = pending.get(data.id);
-    if (!p) return;
-    pending.delete(data.id);
-    if (data.ok) p.resolve(data.value);
-    else p.reject(Object.assign(new Error(data.error.message), { name: data.error.name }));
+/** The header line: what the engine is doing. */
+function showActivity() {
+  if (document.documentElement.dataset.state !== "ready") return;
+  const e = app.engine;
+  const NAMES = {
+    load_model: "loading the model", generate: "generating", lora_add: "reading an adapter",
+    lora_set: "setting strengths", lora_remove: "removing an adapter", self_test: "running the self-test",
+    embedding_add: "reading an embedding", parameters_read: "reading PNG parameters",
+    cache_list: "listing cached models", cache_remove: "removing a cached model", device: "reading device info",
   };
-  worker.onerror = (e) => {
+  const model = app.model ? `Model: ${app.model.name} (${app.model.weights})` : "No model loaded";
+  const busy = e.current ? ` · ${NAMES[e.current] ?? e.current}${e.waiting ? ` (${e.waiting} queued)` : ""}…` : " · ready";
+  $("engine-status").textContent = model + busy;
+}
+app.showActivity = showActivity;
+
+/** Drop anywhere: PNGs restore parameters, .safetensors become adapters (the model panel takes models). */
+function initDrop() {
+  let depth = 0;
+  const isFiles = (e) => [...(e.dataTransfer?.types ?? [])].includes("Files");
+  document.addEventListener("dragenter", (e) => {
+    if (!isFiles(e)) return;
+    depth++;
+    document.body.classList.add("dragging");
+  });
+  document.addEventListener("dragleave", (e) => {
+    if (!isFiles(e)) return;
+    depth = Math.max(0, depth - 1);
+    if (!depth) document.body.classList.remove("dragging");
+  });
+  document.addEventListener("dragover", (e) => {
+    if (!isFiles(e)) return;
     e.preventDefault();
-    const err = new Error(`the engine worker failed: ${e.message || "could not load worker.js or the wasm module"}`);
-    for (const p of pending.values()) p.reject(err);
-    pending.clear();
-  };
-}
-
-function call(cmd) {
-  return new Promise((resolve, reject) => {
-    const id = nextId++;
-    pending.set(id, { resolve, reject });
-    worker.postMessage({ id, cmd });
+    e.dataTransfer.dropEffect = "copy";
+  });
+  document.addEventListener("drop", (e) => {
+    if (!isFiles(e)) return;
+    e.preventDefault();
+    depth = 0;
+    document.body.classList.remove("dragging");
+    if (document.documentElement.dataset.state !== "ready") return;
+    const files = [...e.dataTransfer.files];
+    const png = files.find((f) => ext(f.name) === "png" || f.type === "image/png");
+    if (png) restoreParameters(app, png);
+    const adapters = files.filter((f) => ext(f.name) === "safetensors");
+    if (adapters.length) addLoras(app, adapters);
+  });
+  // The model panel takes a folder or checkpoint instead.
+  const panel = $("model");
+  panel.addEventListener("drop", async (e) => {
+    if (!isFiles(e)) return;
+    // PNGs alone go on to the page (parameters), whatever panel they land on.
+    if ([...e.dataTransfer.files].every((f) => ext(f.name) === "png")) return;
+    e.preventDefault();
+    e.stopPropagation();
+    depth = 0;
+    document.body.classList.remove("dragging");
+    if (document.documentElement.dataset.state !== "ready") return;
+    await loadModelFiles(app, await droppedFiles(e.dataTransfer));
   });
 }
 
-function handle(err) {
-  if (err.name === "NoAdapterError") showUnavailable(err.message);
-  else showError(err.message);
-}
-
-async function runSelfTest() {
-  $("run").disabled = true;
-  setState("running");
-  $("status").textContent = "Running the self-test…";
-  try {
-    showReport(await call("self_test"));
-  } catch (err) {
-    handle(err);
-  } finally {
-    if (document.documentElement.dataset.state !== "unavailable") $("run").disabled = false;
-  }
+/** Files of a drop with their paths inside dropped folders ([{file, path}]). */
+async function droppedFiles(dt) {
+  const entries = [...dt.items].map((i) => i.webkitGetAsEntry?.()).filter(Boolean);
+  if (!entries.length) return [...dt.files].map((file) => ({ file, path: file.name }));
+  const out = [];
+  const walk = async (entry, prefix) => {
+    if (entry.isFile) {
+      const file = await new Promise((ok, fail) => entry.file(ok, fail));
+      out.push({ file, path: prefix + entry.name });
+    } else if (entry.isDirectory) {
+      const reader = entry.createReader();
+      for (;;) {
+        const batch = await new Promise((ok, fail) => reader.readEntries(ok, fail));
+        if (!batch.length) break;
+        for (const child of batch) await walk(child, `${prefix}${entry.name}/`);
+      }
+    }
+  };
+  for (const entry of entries) await walk(entry, "");
+  return out;
 }
 
 async function main() {
+  $("reload").addEventListener("click", () => location.reload());
+  initDevice(app);
+  initModel(app);
+  initGenerate(app);
+  initLoras(app);
+  initGrid(app);
+  initDrop();
   if (!navigator.gpu) {
     showUnavailable("navigator.gpu is not defined: WebGPU is switched off or not supported in this browser.");
     return;
   }
-  startWorker();
-  call("version").then((v) => { $("version").textContent = v; }, () => {});
+  app.engine.onchange = showActivity;
+  app.engine.onfatal = fatal;
+  app.engine.start();
+  let info;
   try {
-    showAdapter(await call("init"));
+    info = await app.engine.call("init");
   } catch (err) {
-    handle(err);
+    fatal(err);
     return;
   }
-  $("run").addEventListener("click", runSelfTest);
-  await runSelfTest();
+  $("version").textContent = info.version ?? "";
+  showAdapter(info);
+  setState("ready");
+  $("run-selftest").disabled = false;
+  showActivity();
+  refreshCache(app);
+  loadDefaultModel(app);
 }
 
 main();

@@ -1,0 +1,335 @@
+// End-to-end test of the web app in the system Chromium on WebGPU (SwiftShader without a GPU):
+// the default model loads on open and generates with per-step progress; the downloaded PNG
+// carries its parameters and dropping it back restores them; a LoRA file becomes a card whose
+// strength changes the image (strength 0 = no adapter, pixel for pixel), Live re-generates and the
+// X/Y grid renders; a broken adapter file leaves the rest working; a model loads from a URL served
+// on 127.0.0.1 and, after a reload with that server stopped, from the browser's cache. No request
+// may leave the app's origin except to the model server, and the console stays clean.
+// Screenshots of each state go to tests/browser/artifacts/.
+//
+//   npm test          (or: node --test app.test.mjs)
+import { after, before, test } from "node:test";
+import assert from "node:assert/strict";
+import { readFileSync } from "node:fs";
+import { join } from "node:path";
+import { artifacts, describe, launch, openApp, repo, screenshot, serveApp, waitAttr } from "./harness.mjs";
+import { serveModel } from "./model-server.mjs";
+import { comparePixels, readPng } from "./png.mjs";
+
+const TIMEOUT_MS = Number(process.env.APP_TIMEOUT_MS ?? 300_000);
+const STEPS = 4;
+const fixtures = join(repo, "tests/fixtures");
+
+let app;
+let browser;
+let session; // {context, page, problems, requests, allowed}
+
+before(async () => {
+  app = await serveApp();
+  browser = await launch({ webgpu: true });
+  session = await openApp(browser, app.origin);
+});
+
+after(async () => {
+  await browser?.close();
+  app?.server.close();
+});
+
+const $ = {
+  prompt: () => session.page.getByRole("textbox", { name: "Prompt", exact: true }),
+  negative: () => session.page.getByRole("textbox", { name: "Negative prompt" }),
+  seed: () => session.page.getByRole("spinbutton", { name: "Seed" }),
+  steps: () => session.page.getByRole("spinbutton", { name: "Steps" }),
+  generate: () => session.page.getByRole("button", { name: "Generate", exact: true }),
+  gallery: () => session.page.getByRole("list", { name: "Gallery" }),
+  newest: () => session.page.getByRole("img", { name: /^Generated image/ }).first(),
+};
+
+/** Waits for the engine, then for the model panel to finish loading; asserts it loaded. */
+async function modelLoaded(page, what) {
+  const state = await waitAttr(page, "html", "data-state", ["ready", "unavailable", "error"], TIMEOUT_MS);
+  assert.equal(state, "ready", `the engine did not start: ${await describe(page)}`);
+  const model = await waitAttr(page, "#model", "data-state", ["loaded", "error"], TIMEOUT_MS);
+  assert.equal(model, "loaded", `${what} did not load: ${await describe(page)}`);
+}
+
+/** Sets the form for a reproducible image. */
+async function setForm({ prompt, seed, steps = STEPS }) {
+  await $.prompt().fill(prompt);
+  await $.seed().fill(String(seed));
+  await $.steps().fill(String(steps));
+  assert.equal(await session.page.getByRole("checkbox", { name: "Random seed" }).isChecked(), false, "typing a seed must lock it");
+}
+
+/** Runs `start` (which starts one generation) and waits for its image at the top of the gallery. */
+async function generated(start, { live = false } = {}) {
+  const { page } = session;
+  const before = await page.evaluate(() => ({
+    n: document.querySelectorAll("#gallery > li").length,
+    src: document.querySelector("#gallery img")?.src ?? null,
+  }));
+  await start();
+  await page.waitForFunction(
+    ([b, live]) => {
+      const top = document.querySelector("#gallery > li");
+      const out = document.getElementById("output").dataset.state;
+      if (out === "error") return true;
+      if (!top || out === "running") return false;
+      return live ? top.dataset.live === "1" && top.querySelector("img").src !== b.src
+        : document.querySelectorAll("#gallery > li").length > b.n;
+    },
+    [before, live],
+    { timeout: TIMEOUT_MS, polling: 100 },
+  );
+  assert.equal(await page.getAttribute("#output", "data-state"), "done", `generation failed: ${await describe(page)}`);
+  return download(page.locator("#gallery > li").first(), "Download PNG");
+}
+
+/** Clicks a download link inside `scope`; returns {name, bytes, png}. */
+async function download(scope, linkName) {
+  const [file] = await Promise.all([
+    session.page.waitForEvent("download"),
+    scope.getByRole("link", { name: linkName }).click(),
+  ]);
+  const name = file.suggestedFilename();
+  const path = join(artifacts, name);
+  await file.saveAs(path);
+  const bytes = readFileSync(path);
+  return { name, bytes, png: readPng(bytes) };
+}
+
+/** The RGB pixels of a rectangle of a decoded image, as a decoded image. */
+function crop(img, x0, y0, w, h) {
+  const pixels = new Uint8Array(w * h * 3);
+  for (let y = 0; y < h; y++) {
+    for (let x = 0; x < w; x++) {
+      const s = ((y0 + y) * img.width + x0 + x) * img.channels;
+      pixels.set(img.pixels.subarray(s, s + 3), (y * w + x) * 3);
+    }
+  }
+  return { width: w, height: h, channels: 3, pixels };
+}
+
+const rgb = (img) => crop(img, 0, 0, img.width, img.height);
+
+function assertClean(what) {
+  assert.deepEqual(session.problems, [], `${what}: console errors, page errors, failed requests or other origins`);
+}
+
+test("the default model loads on open; Ctrl+Enter generates with progress through every step", { timeout: TIMEOUT_MS * 3 }, async () => {
+  const { page } = session;
+  await modelLoaded(page, "the default model");
+  const csp = await page.getAttribute('meta[http-equiv="Content-Security-Policy"]', "content");
+  assert.match(csp, /default-src 'self'/);
+  assert.match(csp, /connect-src 'self' https: http:\/\/127\.0\.0\.1:\* http:\/\/localhost:\*/);
+  await screenshot(page, "01-ready");
+
+  await setForm({ prompt: "a red lighthouse on a cliff", seed: 1234 });
+  await page.evaluate(() => {
+    const bar = document.getElementById("gen-progress");
+    window.progressSeen = [];
+    new MutationObserver(() => window.progressSeen.push([bar.value, bar.max]))
+      .observe(bar, { attributes: true, attributeFilter: ["value"] });
+  });
+  const result = await generated(async () => {
+    await $.prompt().focus();
+    await page.keyboard.press("Control+Enter");
+  });
+
+  const seen = await page.evaluate(() => window.progressSeen);
+  const values = seen.map(([v]) => v).filter((v, i, all) => v > 0 && v !== all[i - 1]);
+  assert.deepEqual(values, Array.from({ length: STEPS }, (_, i) => i + 1), `progress values ${JSON.stringify(seen)}`);
+  assert.ok(seen.every(([, max]) => max === STEPS), `progress max ${JSON.stringify(seen)}`);
+  assert.match(await page.locator("#gen-status").innerText(), /done/);
+
+  const img = $.newest();
+  assert.ok(await img.isVisible(), "no generated image");
+  assert.match(await img.getAttribute("alt"), /^Generated image: seed 1234\b/);
+  assert.ok(await img.evaluate((i) => i.complete && i.naturalWidth > 0), "the image did not decode");
+  assert.equal(result.png.width % 8, 0);
+  assert.equal(result.png.height % 8, 0);
+  assert.match(result.name, /^1234-a-red-lighthouse-on-a-cliff\.png$/);
+  // The preview canvas shows the image.
+  const preview = await page.evaluate(() => {
+    const c = document.getElementById("preview");
+    const d = c.getContext("2d").getImageData(0, 0, c.width, c.height).data;
+    let sum = 0;
+    for (let i = 0; i < d.length; i += 4) sum += d[i] + d[i + 1] + d[i + 2];
+    return { w: c.width, h: c.height, sum };
+  });
+  assert.deepEqual([preview.w, preview.h], [result.png.width, result.png.height]);
+  assert.ok(preview.sum > 0, "the preview canvas is empty");
+  await screenshot(page, "02-generated");
+  assertClean("generate");
+});
+
+test("the downloaded PNG carries its parameters and dropping it restores them", { timeout: TIMEOUT_MS }, async () => {
+  const { page } = session;
+  const file = await download(page.locator("#gallery > li").first(), "Download PNG");
+  const params = file.png.text.parameters;
+  assert.ok(params, `no parameters chunk in ${file.name}: ${JSON.stringify(Object.keys(file.png.text))}`);
+  assert.match(params, /^a red lighthouse on a cliff/);
+  assert.match(params, new RegExp(`Steps: ${STEPS}\\b`));
+  assert.match(params, /Seed: 1234\b/);
+
+  await $.prompt().fill("something else");
+  await $.seed().fill("99");
+  await $.steps().fill("30");
+  await page.evaluate(({ b64, name }) => {
+    const bytes = Uint8Array.from(atob(b64), (c) => c.charCodeAt(0));
+    const dt = new DataTransfer();
+    dt.items.add(new File([bytes], name, { type: "image/png" }));
+    const target = document.getElementById("output");
+    for (const type of ["dragenter", "dragover", "drop"]) {
+      target.dispatchEvent(new DragEvent(type, { bubbles: true, cancelable: true, dataTransfer: dt }));
+    }
+  }, { b64: file.bytes.toString("base64"), name: file.name });
+  await page.waitForFunction(() => document.getElementById("seed").value === "1234", null, { timeout: TIMEOUT_MS });
+  assert.equal(await $.prompt().inputValue(), "a red lighthouse on a cliff");
+  assert.equal(await $.steps().inputValue(), String(STEPS));
+  assert.match(await page.locator("#gen-status").innerText(), /Restored the parameters/);
+  await screenshot(page, "03-parameters-restored");
+  assertClean("parameters");
+});
+
+test("a LoRA card shows the file; strength 1 changes the image, strength 0 gives the base image", { timeout: TIMEOUT_MS * 8 }, async () => {
+  const { page } = session;
+  const manifest = JSON.parse(readFileSync(join(fixtures, "lora/manifest.json"), "utf8"));
+  const modules = Object.values(manifest.cases.kohya.modules);
+  await setForm({ prompt: "a small house", seed: 777 });
+  const base = rgb((await generated(() => $.generate().click())).png);
+
+  // A broken file next to the real one: its card shows the engine's message, the rest works.
+  await page.getByLabel("Add LoRA").setInputFiles([
+    { name: "broken.safetensors", mimeType: "application/octet-stream", buffer: Buffer.from("this is not a safetensors file") },
+    { name: "kohya.safetensors", mimeType: "application/octet-stream", buffer: readFileSync(join(fixtures, "lora/kohya.safetensors")) },
+  ]);
+  await page.waitForFunction(() => {
+    const cards = [...document.querySelectorAll("#lora-cards > li")];
+    return cards.length === 2 && cards.every((c) => c.dataset.state !== "loading");
+  }, null, { timeout: TIMEOUT_MS });
+  const broken = page.locator('#lora-cards > li[data-file="broken.safetensors"]');
+  assert.equal(await broken.getAttribute("data-state"), "error");
+  assert.match(await broken.locator(".card-error").innerText(), /broken\.safetensors/);
+
+  const card = page.locator('#lora-cards > li[data-file="kohya.safetensors"]');
+  assert.equal(await card.getAttribute("data-state"), "ready", `kohya card: ${await card.innerText()}`);
+  const name = (await card.getByRole("heading").innerText()).trim();
+  assert.match(name, /kohya/);
+  assert.match(await card.locator("dd.format").innerText(), /kohya/i);
+  const rankText = await card.locator("dd.rank").innerText();
+  for (const r of new Set(modules.map((m) => m.rank))) assert.match(rankText, new RegExp(`\\b${r}\\b`), `rank ${r} in "${rankText}"`);
+  const alphaText = await card.locator("dd.alpha").innerText();
+  for (const a of new Set(modules.map((m) => m.alpha))) assert.match(alphaText, new RegExp(`\\b${a}\\b`), `alpha ${a} in "${alphaText}"`);
+  const slider = page.getByRole("slider", { name: `Strength: ${name}` });
+  assert.equal(Number(await slider.inputValue()), 1);
+  await screenshot(page, "04-lora-cards");
+
+  const one = rgb((await generated(() => $.generate().click())).png);
+  const change = comparePixels(one, base);
+  assert.ok(!change.equal, "the adapter at strength 1 did not change the image");
+  console.log(`# strength 1 vs none: max |Δ| ${change.maxDiff}, mean |Δ| ${change.meanDiff.toFixed(2)}`);
+
+  await slider.fill("0");
+  assert.equal(await page.getByRole("spinbutton", { name: `Strength value: ${name}` }).inputValue(), "0");
+  const zero = rgb((await generated(() => $.generate().click())).png);
+  const same = comparePixels(zero, base);
+  assert.ok(same.equal, `strength 0 differs from the image without the adapter (max |Δ| ${same.maxDiff})`);
+
+  // Live: moving the slider re-generates the newest image with the same seed.
+  await page.getByRole("checkbox", { name: "Live" }).check();
+  const live = rgb((await generated(() => slider.fill("1"), { live: true })).png);
+  assert.ok(comparePixels(live, one).equal, "Live at strength 1 differs from Generate at strength 1");
+  assert.match(await $.newest().getAttribute("alt"), /seed 777\b/);
+  await page.getByRole("checkbox", { name: "Live" }).uncheck();
+  await screenshot(page, "05-lora-live");
+
+  // X/Y grid: strengths 0 and 1 for seed 777, one PNG whose cells are the images above.
+  const grid = page.getByRole("region", { name: "X/Y grid" });
+  await grid.getByRole("textbox", { name: "Strengths (columns)" }).fill("0, 1");
+  await grid.getByRole("combobox", { name: "Rows" }).selectOption("seeds");
+  await grid.getByRole("textbox", { name: "Seeds (rows)" }).fill("777");
+  await grid.getByRole("button", { name: "Render grid" }).click();
+  const gridState = await waitAttr(page, "#grid", "data-state", ["done", "error"], TIMEOUT_MS);
+  assert.equal(gridState, "done", await grid.innerText());
+  const sheet = (await download(grid, "Download grid PNG")).png;
+  const { width: w, height: h } = base;
+  assert.ok(sheet.width >= 2 * w && sheet.height >= h, `grid ${sheet.width}×${sheet.height} for ${w}×${h} cells`);
+  const left = sheet.width - 2 * w;
+  const top = sheet.height - h;
+  assert.ok(comparePixels(crop(sheet, left, top, w, h), base).equal, "grid cell at strength 0 differs from the base image");
+  assert.ok(comparePixels(crop(sheet, left + w, top, w, h), one).equal, "grid cell at strength 1 differs from strength 1");
+  assert.equal(Number(await slider.inputValue()), 1, "the grid changed the card's strength");
+  await grid.scrollIntoViewIfNeeded();
+  await screenshot(page, "06-grid");
+
+  // Removing the adapter gives the base image again; the broken card is dismissed.
+  await card.getByRole("button", { name: `Remove ${name}` }).click();
+  await card.waitFor({ state: "detached", timeout: TIMEOUT_MS });
+  await broken.getByRole("button", { name: "Dismiss broken.safetensors" }).click();
+  const removed = rgb((await generated(() => $.generate().click())).png);
+  assert.ok(comparePixels(removed, base).equal, "the image after removing the adapter differs from the base image");
+  assertClean("LoRA");
+});
+
+test("a model loads from a URL on 127.0.0.1 and, after a reload with that server stopped, from the cache", { timeout: TIMEOUT_MS * 6 }, async () => {
+  const { page } = session;
+  const host = await serveModel(join(fixtures, "models/tiny-sd15-a"));
+  session.allowed.add(new URL(host.url).origin);
+  let fromUrl;
+  try {
+    await page.getByRole("textbox", { name: "Model URL" }).fill(host.url);
+    await page.getByRole("button", { name: "Load from URL" }).click();
+    await modelLoaded(page, `the model at ${host.url}`);
+    const fetched = host.requests.filter((r) => r.status < 300).map((r) => r.path);
+    assert.ok(fetched.some((p) => p.includes("model_index.json")), `requests: ${JSON.stringify(host.requests)}`);
+    assert.ok(fetched.some((p) => p.includes("unet/diffusion_pytorch_model.safetensors")), `requests: ${JSON.stringify(host.requests)}`);
+    // The request log sees the Worker's fetches (so the other-origin check covers the engine).
+    assert.ok(session.requests.some((u) => u.startsWith(host.url)), "the request log has no request to the model server");
+    const cached = page.locator("#cache-list li.cached");
+    await cached.first().waitFor({ timeout: TIMEOUT_MS });
+    assert.equal(await cached.count(), 1, await page.locator("#cache-list").innerText());
+    await setForm({ prompt: "a tiny boat", seed: 4321 });
+    fromUrl = rgb((await generated(() => $.generate().click())).png);
+    await screenshot(page, "07-model-from-url");
+  } finally {
+    host.server.closeAllConnections?.();
+    await new Promise((ok) => host.server.close(ok));
+  }
+  const served = host.requests.length;
+
+  await page.reload();
+  await modelLoaded(page, "the default model after the reload");
+  const entry = page.locator("#cache-list li.cached");
+  await entry.first().waitFor({ timeout: TIMEOUT_MS });
+  const cachedName = await entry.first().getAttribute("data-name");
+  await entry.first().getByRole("button", { name: `Load ${cachedName}` }).click();
+  await modelLoaded(page, "the cached model");
+  assert.equal(host.requests.length, served, "the stopped server was asked again");
+  await setForm({ prompt: "a tiny boat", seed: 4321 });
+  const fromCache = rgb((await generated(() => $.generate().click())).png);
+  assert.ok(comparePixels(fromCache, fromUrl).equal, "the cached model gives another image than the downloaded one");
+  await screenshot(page, "08-model-from-cache");
+
+  // Remove it from the cache.
+  await entry.first().getByRole("button", { name: `Remove ${cachedName}` }).click();
+  await page.waitForFunction(() => !document.querySelector("#cache-list li.cached"), null, { timeout: TIMEOUT_MS });
+  assertClean("model from URL");
+});
+
+test("the layout fits a laptop (1280×800) and a tablet (820×1180)", { timeout: TIMEOUT_MS }, async () => {
+  const { page } = session;
+  for (const [width, height, name] of [[1280, 800, "09-laptop"], [820, 1180, "10-tablet"]]) {
+    await page.setViewportSize({ width, height });
+    await page.evaluate(() => window.scrollTo(0, 0));
+    const overflow = await page.evaluate(() => document.documentElement.scrollWidth - window.innerWidth);
+    assert.ok(overflow <= 0, `${width}×${height}: the page is ${overflow}px wider than the window`);
+    // The prompt and the Generate button are on the first screen.
+    for (const control of [$.prompt(), $.generate()]) {
+      const box = await control.boundingBox();
+      assert.ok(box && box.y + box.height <= height, `${width}×${height}: a main control is below the first screen`);
+    }
+    await page.screenshot({ path: join(artifacts, `${name}.png`) });
+  }
+  assertClean("layout");
+});
