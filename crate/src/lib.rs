@@ -5,6 +5,7 @@
 pub mod adapter;
 pub mod bench;
 pub mod error;
+pub mod eval;
 pub mod gpu;
 pub mod io;
 pub mod lora;

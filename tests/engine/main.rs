@@ -10,6 +10,7 @@ mod clip;
 mod common;
 mod conv;
 mod elementwise;
+mod eval;
 mod layout;
 mod lora_apply;
 mod lora_fixtures;

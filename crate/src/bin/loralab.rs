@@ -1,6 +1,8 @@
 //! The `loralab` command line: adapter information, the kernel self-test and text-to-image
 //! generation on this machine's GPU (Vulkan / Metal / DX12 / GL through wgpu).
 
+#[path = "loralab/eval.rs"]
+mod eval;
 #[path = "loralab/generate.rs"]
 mod generate;
 #[path = "loralab/lora.rs"]
@@ -26,7 +28,7 @@ Usage:
                                         one SD1.5 UNet step (64x64 latents, batch 2) per weight type
                                         with random weights: time and peak memory, plus the whole
                                         512x512 pipeline's peak memory
-{GENERATE}{LORA}{MERGE}  loralab help                          this text
+{EVAL}{GENERATE}{LORA}{MERGE}  loralab help                          this text
 
 Options:
   --json    machine-readable output on stdout
@@ -39,7 +41,7 @@ Environment:
 ";
 
 fn usage() -> String {
-    USAGE.replace("{GENERATE}", generate::USAGE).replace("{LORA}", lora::USAGE).replace("{MERGE}", merge::USAGE)
+    USAGE.replace("{EVAL}", eval::USAGE).replace("{GENERATE}", generate::USAGE).replace("{LORA}", lora::USAGE).replace("{MERGE}", merge::USAGE)
 }
 
 /// Options shared by the subcommands.
@@ -330,6 +332,7 @@ fn main() -> ExitCode {
         "info" => info(rest),
         "selftest" | "self-test" => run_selftest(rest),
         "bench" => run_bench(rest),
+        "eval" => eval::run(rest),
         "generate" => generate::run(rest),
         "lora" => lora::run(rest),
         "merge" => merge::run(rest),
