@@ -8,10 +8,17 @@
 //! const report = await self_test();  // every kernel against its CPU reference
 //! ```
 //!
+//! The text-to-image engine (`engine.rs`): `load_model`, `generate`, `lora_add`, `lora_set`,
+//! `lora_remove`, `embedding_add`, `parameters_read`, `memory` — files come in as Blobs and are
+//! read by byte ranges (`files.rs`), never whole into wasm memory.
+//!
 //! Errors are thrown as `Error` objects carrying the engine's message; a missing WebGPU adapter
 //! throws one named `NoAdapterError` so the page can explain what to enable.
 
 #![cfg(target_arch = "wasm32")]
+
+mod engine;
+mod files;
 
 use loralab::selftest;
 use loralab::{Error, Gpu, GpuOptions};
@@ -35,7 +42,7 @@ pub fn version() -> String {
     env!("CARGO_PKG_VERSION").to_string()
 }
 
-fn js_error(e: &Error) -> JsValue {
+pub(crate) fn js_error(e: &Error) -> JsValue {
     let err = js_sys::Error::new(&e.to_string());
     err.set_name(match e {
         Error::NoAdapter(_) => "NoAdapterError",
@@ -45,13 +52,13 @@ fn js_error(e: &Error) -> JsValue {
     err.into()
 }
 
-fn to_js<T: Serialize>(v: &T) -> Result<JsValue, JsValue> {
+pub(crate) fn to_js<T: Serialize>(v: &T) -> Result<JsValue, JsValue> {
     v.serialize(&serde_wasm_bindgen::Serializer::json_compatible())
         .map_err(|e| js_sys::Error::new(&format!("serialising the result failed: {e}")).into())
 }
 
 /// The open device, opening it on first use (and again after the device was lost).
-async fn gpu() -> Result<Rc<Gpu>, JsValue> {
+pub(crate) async fn gpu() -> Result<Rc<Gpu>, JsValue> {
     if let Some(g) = GPU.with_borrow(|g| g.clone()) {
         if g.check_lost().is_ok() {
             return Ok(g);
@@ -63,7 +70,7 @@ async fn gpu() -> Result<Rc<Gpu>, JsValue> {
 }
 
 /// `performance.now()` in a page or a worker (milliseconds).
-fn now() -> f64 {
+pub(crate) fn now() -> f64 {
     js_sys::Reflect::get(&js_sys::global(), &JsValue::from_str("performance"))
         .ok()
         .and_then(|p| p.dyn_into::<web_sys::Performance>().ok())

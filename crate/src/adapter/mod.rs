@@ -446,6 +446,9 @@ fn install_weighted(
     };
     let mut words = adapter::dynamic_words(&shape, &layout, &dynamic(&shape, &contributions, strengths))?;
     words.extend(adapter::static_words(&shape, &layout, &st)?);
+    // Shared by the copies of a layer's adapters (not across threads on wasm32, where GPU
+    // handles are not Send).
+    #[allow(clippy::arc_with_non_send_sync)]
     let data = Arc::new(gpu.upload(bytemuck::cast_slice(&words), "adapter data")?);
     let down = if rank > 0 {
         let dshape = match kind {

@@ -1,0 +1,519 @@
+//! The text-to-image engine in the Worker: one loaded model, its adapters and embeddings.
+//! `www/worker.js` calls these functions one at a time (it queues commands), so the state is
+//! taken out of its slot for the duration of a call and put back after.
+
+use crate::files::{BlobFiles, BlobReader};
+use crate::{gpu, js_error, now, to_js};
+use loralab::io::safetensors::SafetensorsFile;
+use loralab::lora::{read_lora_for, LoraFile, MatchReport};
+use loralab::model::checkpoint::Checkpoint;
+use loralab::model::config::PipelineConfig;
+use loralab::model::textual_inversion::open_textual_inversion;
+use loralab::parameters::{self, a1111_sampler};
+use loralab::pipeline::{GenerateOptions, StableDiffusionPipeline, StepProgress, WeightPlan};
+use loralab::sampler::SamplerKind;
+use loralab::{DType, Error};
+use serde::{Deserialize, Serialize};
+use std::cell::RefCell;
+use std::sync::Arc;
+use wasm_bindgen::prelude::*;
+use web_sys::Blob;
+
+struct Lora {
+    id: u32,
+    blob: Blob,
+    name: String,
+    file: Arc<LoraFile>,
+    te: f32,
+    unet: f32,
+    enabled: bool,
+}
+
+impl Lora {
+    fn strengths(&self) -> (f32, f32) {
+        if self.enabled {
+            (self.te, self.unet)
+        } else {
+            (0.0, 0.0)
+        }
+    }
+}
+
+#[derive(Default)]
+struct State {
+    pipe: Option<StableDiffusionPipeline>,
+    config: Option<PipelineConfig>,
+    model_name: String,
+    weights: Option<DType>,
+    loras: Vec<Lora>,
+    next_id: u32,
+}
+
+thread_local! {
+    static STATE: RefCell<Option<State>> = RefCell::new(Some(State::default()));
+}
+
+/// Takes the state for one command; the worker runs one command at a time.
+fn take() -> Result<State, JsValue> {
+    STATE
+        .with_borrow_mut(|s| s.take())
+        .ok_or_else(|| js_sys::Error::new("the engine is busy with another command").into())
+}
+
+fn put(s: State) {
+    STATE.with_borrow_mut(|slot| *slot = Some(s));
+}
+
+/// Runs `f` with the state, putting it back whatever happens.
+async fn with_state<T>(f: impl AsyncFnOnce(&mut State) -> Result<T, JsValue>) -> Result<T, JsValue> {
+    let mut s = take()?;
+    let r = f(&mut s).await;
+    put(s);
+    r
+}
+
+fn err(e: Error) -> JsValue {
+    js_error(&e)
+}
+
+fn invalid(msg: impl Into<String>) -> JsValue {
+    js_error(&Error::Invalid(msg.into()))
+}
+
+fn parse_weights(w: &str) -> Result<DType, JsValue> {
+    DType::parse(w).ok_or_else(|| invalid(format!("weight type `{w}`: expected f32, f16, q8_0 or q4_0")))
+}
+
+#[derive(Serialize)]
+struct ModelInfo {
+    name: String,
+    source: String,
+    weights: String,
+    default_width: usize,
+    default_height: usize,
+    sampler: String,
+    bytes: u64,
+    adapter_warnings: Vec<String>,
+}
+
+/// Loads a model from Blobs: `files` is an object `{relative path: Blob}` holding a diffusers
+/// folder, or a single `.safetensors` checkpoint (read with Stable Diffusion 1.5's
+/// configuration). Adapters already added are applied to the new model.
+#[wasm_bindgen]
+pub async fn load_model(files: js_sys::Object, name: String, source: String, weights: String) -> Result<JsValue, JsValue> {
+    let dt = parse_weights(&weights)?;
+    let g = gpu().await?;
+    let mut entries = vec![];
+    for pair in js_sys::Object::entries(&files).iter() {
+        let pair: js_sys::Array = pair.unchecked_into();
+        let path = pair.get(0).as_string().unwrap_or_default();
+        let blob: Blob = pair.get(1).dyn_into().map_err(|_| invalid(format!("`{path}` is not a file")))?;
+        entries.push((path, blob));
+    }
+    with_state(async |s: &mut State| {
+        // Free the previous model first: two models may not fit together.
+        s.pipe = None;
+        g.trim();
+        let ck = if entries.len() == 1 && entries[0].0.to_ascii_lowercase().ends_with(".safetensors") {
+            let (path, blob) = entries.pop().unwrap_or_else(|| unreachable!());
+            if loralab::model::checkpoint::is_pickle_name(&path) {
+                return Err(err(loralab::model::checkpoint::refuse_pickle(&path)));
+            }
+            Checkpoint::open_single_file(BlobReader::new(blob, path.clone()), &path, PipelineConfig::sd15()).map_err(err)?
+        } else {
+            if let Some((p, _)) = entries.iter().find(|(p, _)| loralab::model::checkpoint::is_pickle_name(p)) {
+                if !entries.iter().any(|(p, _)| p.ends_with(".safetensors")) {
+                    return Err(err(loralab::model::checkpoint::refuse_pickle(p)));
+                }
+            }
+            Checkpoint::open_folder(&BlobFiles::new(&name, entries)).map_err(err)?
+        };
+        let config = ck.config.clone();
+        let sampler = SamplerKind::EulerAncestral;
+        let pipe = StableDiffusionPipeline::load(&g, ck, WeightPlan::new(dt)).map_err(err)?;
+        let (w, h) = pipe.default_size();
+        s.pipe = Some(pipe);
+        s.config = Some(config);
+        s.model_name = name.clone();
+        s.weights = Some(dt);
+        let adapter_warnings = reapply(s).await?;
+        let info = ModelInfo {
+            name: name.clone(),
+            source: source.clone(),
+            weights: dt.name().to_string(),
+            default_width: w,
+            default_height: h,
+            sampler: sampler.name().to_string(),
+            bytes: g.memory().live_bytes,
+            adapter_warnings,
+        };
+        to_js(&info)
+    })
+    .await
+}
+
+/// Re-reads every adapter for the current model's configuration and installs them. Adapters
+/// that do not fit the new model are disabled with a warning.
+async fn reapply(s: &mut State) -> Result<Vec<String>, JsValue> {
+    let Some(cfg) = s.config.clone() else { return Ok(vec![]) };
+    let mut warnings = vec![];
+    for l in &mut s.loras {
+        let f = SafetensorsFile::open(BlobReader::new(l.blob.clone(), l.name.clone()), l.name.clone()).map_err(err)?;
+        l.file = Arc::new(read_lora_for(&f, &cfg).map_err(err)?);
+    }
+    loop {
+        let Some(pipe) = s.pipe.as_mut() else { return Ok(warnings) };
+        let files: Vec<Arc<LoraFile>> = s.loras.iter().map(|l| Arc::clone(&l.file)).collect();
+        let strengths = s.loras.iter().map(Lora::strengths).collect();
+        match pipe.set_adapters(&*gpu().await?, files, strengths).await {
+            Ok(report) => {
+                warnings.extend(report.warnings);
+                return Ok(warnings);
+            }
+            Err(Error::Format { file, message, .. }) if s.loras.iter().any(|l| l.file.file == file) => {
+                warnings.push(format!("{file}: {message}; removed"));
+                s.loras.retain(|l| l.file.file != file);
+            }
+            Err(e) => return Err(err(e)),
+        }
+    }
+}
+
+#[derive(Deserialize)]
+struct GenerateParams {
+    prompt: String,
+    #[serde(default)]
+    negative: String,
+    seed: f64,
+    steps: usize,
+    cfg: f32,
+    #[serde(default)]
+    sampler: Option<String>,
+    #[serde(default)]
+    width: Option<usize>,
+    #[serde(default)]
+    height: Option<usize>,
+}
+
+#[derive(Serialize)]
+struct StepEvent {
+    step: usize,
+    steps: usize,
+    elapsed_ms: f64,
+    preview_width: usize,
+    preview_height: usize,
+}
+
+#[derive(Serialize)]
+struct Generated {
+    parameters: String,
+    seed: u64,
+    width: usize,
+    height: usize,
+    ms: f64,
+    notes: Vec<String>,
+}
+
+/// Latents `[1, 4, h, w]` → RGBA `h × w`: a fixed linear map from the four SD latent channels
+/// to RGB (an approximation of the VAE decoder, good enough to watch an image form).
+fn preview_rgba(latents: &[f32], h: usize, w: usize) -> Vec<u8> {
+    const F: [[f32; 3]; 4] = [[0.35, 0.23, 0.32], [0.33, 0.50, 0.24], [-0.28, 0.18, 0.27], [-0.21, -0.26, -0.72]];
+    let hw = h * w;
+    let mut out = vec![255u8; hw * 4];
+    if latents.len() < 4 * hw {
+        return out;
+    }
+    for p in 0..hw {
+        for c in 0..3 {
+            let v: f32 = (0..4).map(|k| latents[k * hw + p] * F[k][c]).sum();
+            out[p * 4 + c] = (((v + 1.0) * 0.5).clamp(0.0, 1.0) * 255.0).round() as u8;
+        }
+    }
+    out
+}
+
+/// Generates one image. `on_step(event, rgba)` is called after every step with
+/// `{step, steps, elapsed_ms, preview_width, preview_height}` and the preview's RGBA bytes.
+/// Returns `{parameters, seed, width, height, ms, notes}` and the PNG through `png_out`
+/// (a callback receiving the bytes, so they are transferred once).
+#[wasm_bindgen]
+pub async fn generate(params: JsValue, on_step: js_sys::Function, png_out: js_sys::Function) -> Result<JsValue, JsValue> {
+    let p: GenerateParams =
+        serde_wasm_bindgen::from_value(params).map_err(|e| invalid(format!("generate parameters: {e}")))?;
+    let g = gpu().await?;
+    with_state(async |s: &mut State| {
+        let name = s.model_name.clone();
+        let weights = s.weights;
+        let Some(pipe) = s.pipe.as_mut() else { return Err(invalid("no model is loaded")) };
+        let sampler = match &p.sampler {
+            Some(n) => SamplerKind::parse(n).map_err(err)?,
+            None => SamplerKind::EulerAncestral,
+        };
+        if !(p.seed >= 0.0 && p.seed.fract() == 0.0 && p.seed < 1.8e19) {
+            return Err(invalid(format!("seed {}: expected a whole number ≥ 0", p.seed)));
+        }
+        let mut opts = GenerateOptions {
+            prompt: p.prompt.clone(),
+            negative: p.negative.clone(),
+            seed: p.seed as u64,
+            steps: p.steps,
+            cfg: p.cfg,
+            sampler,
+            width: p.width,
+            height: p.height,
+            ..Default::default()
+        };
+        // Prompt tags apply to this image only: the cards' strengths come back afterwards.
+        let before: Vec<(f32, f32)> = pipe.adapters().iter().map(|(_, s)| *s).collect();
+        let notes = pipe.apply_prompt_tags(&g, &mut opts).map_err(err)?;
+        let used: Vec<(String, (f32, f32))> = pipe.adapters().iter().map(|(f, s)| (f.display_name(), *s)).collect();
+        let t0 = now();
+        let mut step_err = None;
+        let mut progress = |sp: &StepProgress<'_>| {
+            let shape = sp.latents.len() / 4;
+            let (h, w) = latent_hw(shape, opts.width, opts.height);
+            let ev = StepEvent { step: sp.step, steps: sp.steps, elapsed_ms: now() - t0, preview_width: w, preview_height: h };
+            let rgba = preview_rgba(sp.denoised, h, w);
+            let arr = js_sys::Uint8ClampedArray::from(&rgba[..]);
+            if let Ok(ev) = to_js(&ev) {
+                if let Err(e) = on_step.call2(&JsValue::NULL, &ev, &arr) {
+                    step_err.get_or_insert(e);
+                }
+            }
+        };
+        let out = pipe.generate(&g, &opts, &mut progress).await;
+        if before != pipe.adapters().iter().map(|(_, s)| *s).collect::<Vec<_>>() {
+            pipe.set_adapter_strengths(&g, &before).map_err(err)?;
+        }
+        let out = out.map_err(err)?;
+        if let Some(e) = step_err {
+            return Err(e);
+        }
+        let [_, _, h, w] = out.image_shape;
+        let text = parameters_text(&p, &opts, &used, w, h, &name, weights);
+        let png = loralab::io::png::encode_rgb8(w, h, &out.to_rgb8(), &[("parameters", &text)]).map_err(err)?;
+        png_out.call1(&JsValue::NULL, &js_sys::Uint8Array::from(&png[..]))?;
+        to_js(&Generated { parameters: text, seed: opts.seed, width: w, height: h, ms: now() - t0, notes })
+    })
+    .await
+}
+
+/// (h, w) of a latent with `hw` positions for the requested image size.
+fn latent_hw(hw: usize, width: Option<usize>, height: Option<usize>) -> (usize, usize) {
+    match (width, height) {
+        (Some(w), Some(h)) if w >= 8 && h >= 8 && (w / 8) * (h / 8) == hw => (h / 8, w / 8),
+        _ => {
+            let side = (hw as f64).sqrt() as usize;
+            (side, hw / side.max(1))
+        }
+    }
+}
+
+fn parameters_text(
+    p: &GenerateParams,
+    opts: &GenerateOptions,
+    used: &[(String, (f32, f32))],
+    w: usize,
+    h: usize,
+    model: &str,
+    weights: Option<DType>,
+) -> String {
+    let mut prompt = p.prompt.clone();
+    let tagged: Vec<String> =
+        loralab::prompt::parse_prompt(&p.prompt).map(|t| t.loras.into_iter().map(|t| t.name).collect()).unwrap_or_default();
+    for (name, (te, unet)) in used {
+        if (*te != 0.0 || *unet != 0.0) && loralab::prompt::match_adapter(name, &tagged).is_err() {
+            if te == unet {
+                prompt.push_str(&format!(" <lora:{name}:{te}>"));
+            } else {
+                prompt.push_str(&format!(" <lora:{name}:{te}:{unet}>"));
+            }
+        }
+    }
+    let mut settings = vec![
+        ("Steps", opts.steps.to_string()),
+        ("Sampler", a1111_sampler(opts.sampler).to_string()),
+        ("CFG scale", opts.cfg.to_string()),
+        ("Seed", opts.seed.to_string()),
+        ("Size", format!("{w}x{h}")),
+        ("Model", model.to_string()),
+    ];
+    if let Some(dt) = weights.filter(|d| *d != DType::F32) {
+        settings.push(("Weights", dt.name().to_string()));
+    }
+    settings.push(("Version", format!("loralab {}", env!("CARGO_PKG_VERSION"))));
+    parameters::format(&prompt, &p.negative, &settings)
+}
+
+#[derive(Serialize)]
+struct Card {
+    id: u32,
+    name: String,
+    summary: loralab::lora::Summary,
+    base_mismatch: Option<String>,
+    te: f32,
+    unet: f32,
+    enabled: bool,
+}
+
+/// Adds an adapter file: reads it, checks it against the loaded model and applies it at
+/// strength 1. Returns its card (`{id, name, summary, base_mismatch, te, unet, enabled}`). A
+/// file that does not fit leaves the engine as it was.
+#[wasm_bindgen]
+pub async fn lora_add(file: Blob, name: String) -> Result<JsValue, JsValue> {
+    with_state(async |s: &mut State| {
+        if loralab::model::checkpoint::is_pickle_name(&name) {
+            return Err(err(loralab::model::checkpoint::refuse_pickle(&name)));
+        }
+        let cfg = s.config.clone().unwrap_or_else(PipelineConfig::sd15);
+        let reader = BlobReader::new(file.clone(), name.clone());
+        let f = SafetensorsFile::open(reader, name.clone()).map_err(err)?;
+        let lf = Arc::new(read_lora_for(&f, &cfg).map_err(err)?);
+        let id = s.next_id;
+        s.next_id += 1;
+        s.loras.push(Lora { id, blob: file, name: name.clone(), file: Arc::clone(&lf), te: 1.0, unet: 1.0, enabled: true });
+        if let Err(e) = install(s).await {
+            s.loras.pop();
+            install(s).await?;
+            return Err(e);
+        }
+        let summary = lf.summary(None::<MatchReport>);
+        to_js(&Card { id, name: lf.display_name(), summary, base_mismatch: base_mismatch(&lf), te: 1.0, unet: 1.0, enabled: true })
+    })
+    .await
+}
+
+/// A warning when the file's metadata names a different base family than SD1.x.
+fn base_mismatch(f: &LoraFile) -> Option<String> {
+    use loralab::lora::BaseModel;
+    match f.base {
+        BaseModel::Sd1 | BaseModel::Unknown => None,
+        other => Some(format!("made for {}; the loaded model is Stable Diffusion 1.x", other.describe())),
+    }
+}
+
+async fn install(s: &mut State) -> Result<(), JsValue> {
+    let Some(pipe) = s.pipe.as_mut() else { return Ok(()) };
+    let files = s.loras.iter().map(|l| Arc::clone(&l.file)).collect();
+    let strengths = s.loras.iter().map(Lora::strengths).collect();
+    pipe.set_adapters(&*gpu().await?, files, strengths).await.map_err(err)?;
+    Ok(())
+}
+
+/// Sets an adapter's strengths and whether it is on: a few words per layer are rewritten.
+#[wasm_bindgen]
+pub async fn lora_set(id: u32, te: f32, unet: f32, enabled: bool) -> Result<(), JsValue> {
+    if !te.is_finite() || !unet.is_finite() {
+        return Err(invalid("strengths must be finite numbers"));
+    }
+    let g = gpu().await?;
+    with_state(async |s: &mut State| {
+        let l = s.loras.iter_mut().find(|l| l.id == id).ok_or_else(|| invalid(format!("no adapter {id}")))?;
+        (l.te, l.unet, l.enabled) = (te, unet, enabled);
+        let strengths: Vec<(f32, f32)> = s.loras.iter().map(Lora::strengths).collect();
+        if let Some(pipe) = s.pipe.as_mut() {
+            pipe.set_adapter_strengths(&g, &strengths).map_err(err)?;
+        }
+        Ok(())
+    })
+    .await
+}
+
+/// Removes an adapter.
+#[wasm_bindgen]
+pub async fn lora_remove(id: u32) -> Result<(), JsValue> {
+    with_state(async |s: &mut State| {
+        let n = s.loras.len();
+        s.loras.retain(|l| l.id != id);
+        if s.loras.len() == n {
+            return Err(invalid(format!("no adapter {id}")));
+        }
+        install(s).await
+    })
+    .await
+}
+
+#[derive(Serialize)]
+struct EmbeddingInfo {
+    token: String,
+    vectors: usize,
+}
+
+/// Loads a textual-inversion embedding; its trigger word works in prompts.
+#[wasm_bindgen]
+pub async fn embedding_add(file: Blob, name: String) -> Result<JsValue, JsValue> {
+    let g = gpu().await?;
+    with_state(async |s: &mut State| {
+        let Some(pipe) = s.pipe.as_mut() else { return Err(invalid("load a model before adding an embedding")) };
+        let emb = open_textual_inversion(BlobReader::new(file, name.clone()), &name).map_err(err)?;
+        let ids = pipe.add_embedding(&g, &emb).map_err(err)?;
+        to_js(&EmbeddingInfo { token: emb.token.clone(), vectors: ids.len() })
+    })
+    .await
+}
+
+#[derive(Serialize)]
+struct ReadParameters {
+    prompt: String,
+    negative: String,
+    seed: Option<u64>,
+    steps: Option<usize>,
+    cfg: Option<f32>,
+    sampler: Option<String>,
+    width: Option<usize>,
+    height: Option<usize>,
+    raw: String,
+}
+
+/// Reads the A1111 `parameters` of a PNG.
+#[wasm_bindgen]
+pub fn parameters_read(file: Blob, name: String) -> Result<JsValue, JsValue> {
+    let bytes = BlobReader::new(file, name.clone()).read_all().map_err(err)?;
+    let png = loralab::io::png::decode(&bytes).map_err(|e| match e {
+        Error::Format { message, .. } => err(Error::Format { file: name.clone(), tensor: None, message }),
+        e => err(e),
+    })?;
+    let text = png.text("parameters").ok_or_else(|| {
+        err(Error::Format {
+            file: name.clone(),
+            tensor: None,
+            message: "this PNG carries no generation parameters (no `parameters` text chunk)".into(),
+        })
+    })?;
+    let p = parameters::parse(text, &name).map_err(err)?;
+    to_js(&ReadParameters {
+        prompt: p.prompt,
+        negative: p.negative,
+        seed: p.seed,
+        steps: p.steps,
+        cfg: p.cfg,
+        sampler: p.sampler.map(|s| s.name().to_string()),
+        width: p.width,
+        height: p.height,
+        raw: text.to_string(),
+    })
+}
+
+#[derive(Serialize)]
+struct Memory {
+    live_bytes: u64,
+    peak_live_bytes: u64,
+    free_bytes: u64,
+    model: String,
+    adapters: usize,
+}
+
+/// GPU memory in use and what is loaded.
+#[wasm_bindgen]
+pub async fn gpu_memory() -> Result<JsValue, JsValue> {
+    let g = gpu().await?;
+    let m = g.memory();
+    let (model, adapters) = STATE.with_borrow(|s| s.as_ref().map(|s| (s.model_name.clone(), s.loras.len()))).unwrap_or_default();
+    to_js(&Memory {
+        live_bytes: m.live_bytes,
+        peak_live_bytes: m.peak_live_bytes,
+        free_bytes: m.free_bytes,
+        model,
+        adapters,
+    })
+}
