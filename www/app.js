@@ -3,7 +3,7 @@
 // WebGPU) or "error" (the engine stopped); tests wait on it. Panels carry their own state:
 // #model[data-state] none/loading/loaded/error, #output[data-state] idle/running/done/error,
 // #device[data-selftest] idle/running/passed/failed/error.
-import { $, ext } from "./ui/dom.js";
+import { $, ext, fillList } from "./ui/dom.js";
 import { Engine } from "./ui/engine.js";
 import { initDevice, showAdapter, refreshDevice } from "./ui/device.js";
 import { initModel, loadDefaultModel, loadModelFiles, refreshCache } from "./ui/model.js";
@@ -32,6 +32,7 @@ function showUnavailable(message) {
   $("app").classList.add("disabled");
   $("engine-status").textContent = "WebGPU unavailable: the engine cannot run in this browser.";
   $("selftest-status").textContent = "WebGPU unavailable: the self-test cannot run in this browser.";
+  fillList($("adapter-info"), [["Status", "No WebGPU adapter"]]);
   for (const b of document.querySelectorAll("#app button, #app input, #app select, #app textarea")) b.disabled = true;
 }
 

@@ -44,20 +44,30 @@ export function refreshDevice(app) {
   });
 }
 
-function showDevice(d) {
+/** Memory rows: the protocol's split (weights, adapters, activations, peak) or the device totals. */
+function memoryRows(d) {
   const m = d.memory ?? {};
-  const rows = [
-    ["Model weights", bytes(m.weights)],
-    ["Adapters", bytes(m.adapters)],
-    ["Activations", bytes(m.activations)],
-  ];
-  if (m.peak !== undefined) rows.push(["Peak", bytes(m.peak)]);
-  fillList($("memory-info"), rows);
-  const limits = d.limits && typeof d.limits === "object" ? Object.entries(d.limits) : [];
-  const features = Array.isArray(d.features) ? d.features : [];
+  if (typeof m.weights === "number") {
+    const rows = [["Model weights", bytes(m.weights)], ["Adapters", bytes(m.adapters)], ["Activations", bytes(m.activations)]];
+    if (typeof m.peak === "number") rows.push(["Peak", bytes(m.peak)]);
+    return rows;
+  }
+  const u = d.usage ?? m;
+  const rows = [];
+  if (typeof u.live_bytes === "number") rows.push(["In use", bytes(u.live_bytes)]);
+  if (typeof u.peak_live_bytes === "number") rows.push(["Peak", bytes(u.peak_live_bytes)]);
+  if (typeof u.free_bytes === "number") rows.push(["Free", bytes(u.free_bytes)]);
+  if (typeof u.adapters === "number") rows.push(["Adapters loaded", String(u.adapters)]);
+  return rows.length ? rows : [["Status", "not reported"]];
+}
+
+function showDevice(d) {
+  fillList($("memory-info"), memoryRows(d));
+  const limits = Object.entries(d.limits ?? d.caps ?? {});
+  const features = d.features ?? d.browser?.features ?? d.adapter_features ?? [];
   const has = (f) => features.some((x) => String(x).toLowerCase().replace(/_/g, "-") === f);
   fillList($("limits-info"), [
-    ["Adapter", show(d.adapter)],
+    ["Adapter", show(d.adapter?.name ?? d.adapter)],
     ["shader-f16", yesNo(has("shader-f16"))],
     ["subgroups", yesNo(has("subgroups"))],
     ["Features", features.join(", ") || "none"],
