@@ -26,7 +26,14 @@ const PASSES_PER_SUBMIT: u32 = 128;
 struct Pending {
     encoder: Option<wgpu::CommandEncoder>,
     passes: u32,
+    /// Uniform parameters of the recorded dispatches, one `UNIFORM_SLOT`-byte slot each,
+    /// written to `Gpu::uniforms` right before the submit.
+    params: Vec<u8>,
 }
+
+/// Bytes per dispatch in the shared uniform buffer (WebGPU's largest
+/// `minUniformBufferOffsetAlignment`, 256, so every slot offset is valid everywhere).
+const UNIFORM_SLOT: usize = 256;
 
 /// One bound storage buffer of a dispatch: (binding index, buffer).
 pub type Bind<'a> = (u32, &'a GpuBuffer);
@@ -41,6 +48,10 @@ pub struct Gpu {
     pipelines: pipeline::PipelineCache,
     pool: Arc<pool::Pool>,
     pending: Mutex<Pending>,
+    /// One uniform buffer for the parameters of every dispatch of a submit (slots of
+    /// `UNIFORM_SLOT` bytes). Reusing it across submits is safe: a queue write is ordered after
+    /// the work submitted before it.
+    uniforms: wgpu::Buffer,
     errors: Arc<Mutex<Vec<String>>>,
     lost: Arc<Mutex<Option<String>>>,
     #[cfg(target_arch = "wasm32")]
@@ -71,6 +82,12 @@ impl Gpu {
         }
         // Keep at most a quarter of the largest buffer (min 256 MiB) of freed buffers for reuse.
         let keep = (o.caps.max_buffer_size / 4).max(256 << 20);
+        let uniforms = o.device.create_buffer(&wgpu::BufferDescriptor {
+            label: Some("dispatch parameters"),
+            size: (PASSES_PER_SUBMIT as usize * UNIFORM_SLOT) as u64,
+            usage: wgpu::BufferUsages::UNIFORM | wgpu::BufferUsages::COPY_DST,
+            mapped_at_creation: false,
+        });
         Ok(Self {
             pool: pool::Pool::new(o.device.clone(), keep),
             device: o.device,
@@ -79,7 +96,8 @@ impl Gpu {
             caps: o.caps,
             adapter_features: o.adapter_features,
             pipelines: Default::default(),
-            pending: Mutex::new(Pending { encoder: None, passes: 0 }),
+            pending: Mutex::new(Pending { encoder: None, passes: 0, params: Vec::new() }),
+            uniforms,
             errors,
             lost,
             #[cfg(target_arch = "wasm32")]
@@ -215,18 +233,41 @@ impl Gpu {
             #[cfg(target_arch = "wasm32")]
             &self.scopes,
         )?;
-        let uniform = (!params.is_empty()).then(|| {
-            let mut words = params.to_vec();
-            words.resize(params.len().next_multiple_of(4), 0);
+        let mut words = params.to_vec();
+        words.resize(params.len().next_multiple_of(4), 0);
+        let bytes: &[u8] = bytemuck::cast_slice(&words);
+        let mut pending = lock(&self.pending);
+        // Parameters go to this dispatch's slot of the shared uniform buffer (a buffer of its
+        // own only when they do not fit a slot).
+        let own = (bytes.len() > UNIFORM_SLOT).then(|| {
             self.device.create_buffer_init(&wgpu::util::BufferInitDescriptor {
                 label: None,
-                contents: bytemuck::cast_slice(&words),
+                contents: bytes,
                 usage: wgpu::BufferUsages::UNIFORM,
             })
         });
+        let mut slot = None;
+        if !bytes.is_empty() && own.is_none() {
+            if pending.params.len() + UNIFORM_SLOT > PASSES_PER_SUBMIT as usize * UNIFORM_SLOT {
+                self.submit_locked(&mut pending);
+            }
+            let offset = pending.params.len();
+            pending.params.extend_from_slice(bytes);
+            pending.params.resize(offset + UNIFORM_SLOT, 0);
+            slot = Some(offset as u64);
+        }
         let mut entries: Vec<wgpu::BindGroupEntry<'_>> = Vec::with_capacity(binds.len() + 1);
-        if let Some(u) = &uniform {
+        if let Some(u) = &own {
             entries.push(wgpu::BindGroupEntry { binding: 0, resource: u.as_entire_binding() });
+        } else if let Some(offset) = slot {
+            entries.push(wgpu::BindGroupEntry {
+                binding: 0,
+                resource: wgpu::BindingResource::Buffer(wgpu::BufferBinding {
+                    buffer: &self.uniforms,
+                    offset,
+                    size: std::num::NonZeroU64::new(bytes.len() as u64),
+                }),
+            });
         }
         for (binding, buf) in binds {
             entries.push(wgpu::BindGroupEntry { binding: *binding, resource: buf.binding() });
@@ -236,7 +277,6 @@ impl Gpu {
             layout: &p.layout,
             entries: &entries,
         });
-        let mut pending = lock(&self.pending);
         let encoder = pending.encoder.get_or_insert_with(|| {
             self.device.create_command_encoder(&wgpu::CommandEncoderDescriptor { label: None })
         });
@@ -291,6 +331,10 @@ impl Gpu {
     }
 
     fn submit_locked(&self, pending: &mut Pending) {
+        if !pending.params.is_empty() {
+            self.queue.write_buffer(&self.uniforms, 0, &pending.params);
+            pending.params.clear();
+        }
         if let Some(enc) = pending.encoder.take() {
             self.queue.submit(Some(enc.finish()));
         }
