@@ -217,9 +217,13 @@ async function loadDemo(weights, progress) {
   throw userError("the bundled demo model is missing from this build (models/demo/)");
 }
 
-function fileMap(list) {
+// Picked or dropped files by their path inside the folder (`paths[i]` from the page for
+// dropped folders, whose files carry no webkitRelativePath).
+function fileMap(list, paths) {
   const files = {};
-  for (const f of list) files[f.webkitRelativePath || f.name] = f;
+  list.forEach((f, i) => {
+    files[paths?.[i] || f.webkitRelativePath || f.name] = f;
+  });
   return files;
 }
 
@@ -234,12 +238,12 @@ const commands = {
   },
   self_test,
   version,
-  async load_model({ source, files, url, weights = "f16" }) {
+  async load_model({ source, files, paths, url, weights = "f16" }) {
     const id = current;
     const progress = (p) => self.postMessage({ id, event: "progress", ...p });
     if (source === "demo") return loadDemo(weights, progress);
     if (source === "files") {
-      const map = fileMap(files ?? []);
+      const map = fileMap(files ?? [], paths);
       const name = Object.keys(map).length === 1 ? Object.keys(map)[0] : (Object.keys(map)[0] ?? "model").split("/")[0];
       return load_model(map, name, "files", weights);
     }
