@@ -325,7 +325,20 @@ const commands = {
   parameters_read: ({ file }) => parameters_read(file, file.name),
   async device() {
     const engine = await init();
-    return { ...engine, browser: await browserAdapter(), usage: await gpu_memory() };
+    const u = await gpu_memory();
+    return {
+      ...engine,
+      browser: await browserAdapter(),
+      memory: {
+        weights: u.weights_bytes,
+        adapters: u.adapter_bytes,
+        activations: u.activation_peak_bytes,
+        peak: u.peak_live_bytes,
+        live: u.live_bytes,
+        cached: u.free_bytes,
+      },
+      usage: u,
+    };
   },
 };
 

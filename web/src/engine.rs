@@ -47,6 +47,12 @@ struct State {
     weights: Option<DType>,
     loras: Vec<Lora>,
     next_id: u32,
+    /// GPU bytes of the model's weights (measured after loading).
+    model_bytes: u64,
+    /// GPU bytes of the installed adapters.
+    adapter_bytes: u64,
+    /// Peak GPU bytes of the last generation's activations.
+    activation_peak: u64,
 }
 
 thread_local! {
@@ -130,7 +136,9 @@ pub async fn load_model(files: js_sys::Object, name: String, source: String, wei
         };
         let config = ck.config.clone();
         let sampler = SamplerKind::EulerAncestral;
+        let before = g.memory().live_bytes;
         let pipe = StableDiffusionPipeline::load(&g, ck, WeightPlan::new(dt)).map_err(err)?;
+        s.model_bytes = g.memory().live_bytes.saturating_sub(before);
         let (w, h) = pipe.default_size();
         s.pipe = Some(pipe);
         s.config = Some(config);
@@ -167,6 +175,7 @@ async fn reapply(s: &mut State) -> Result<Vec<String>, JsValue> {
         let strengths = s.loras.iter().map(Lora::strengths).collect();
         match pipe.set_adapters(&*gpu().await?, files, strengths).await {
             Ok(report) => {
+                s.adapter_bytes = report.text_encoder.bytes + report.unet.bytes;
                 warnings.extend(report.warnings);
                 return Ok(warnings);
             }
@@ -244,7 +253,9 @@ pub async fn generate(params: JsValue, on_step: js_sys::Function, png_out: js_sy
     with_state(async |s: &mut State| {
         let name = s.model_name.clone();
         let weights = s.weights;
-        let Some(pipe) = s.pipe.as_mut() else { return Err(invalid("no model is loaded")) };
+        if s.pipe.is_none() {
+            return Err(invalid("no model is loaded"));
+        }
         let sampler = match &p.sampler {
             Some(n) => SamplerKind::parse(n).map_err(err)?,
             None => SamplerKind::EulerAncestral,
@@ -263,11 +274,14 @@ pub async fn generate(params: JsValue, on_step: js_sys::Function, png_out: js_sy
             height: p.height,
             ..Default::default()
         };
+        let Some(pipe) = s.pipe.as_mut() else { return Err(invalid("no model is loaded")) };
         // Prompt tags apply to this image only: the cards' strengths come back afterwards.
         let before: Vec<(f32, f32)> = pipe.adapters().iter().map(|(_, s)| *s).collect();
         let notes = pipe.apply_prompt_tags(&g, &mut opts).map_err(err)?;
         let used: Vec<(String, (f32, f32))> = pipe.adapters().iter().map(|(f, s)| (f.display_name(), *s)).collect();
         let t0 = now();
+        let resident = g.memory().live_bytes;
+        g.reset_peak_memory();
         let mut step_err = None;
         let mut progress = |sp: &StepProgress<'_>| {
             let shape = sp.latents.len() / 4;
@@ -282,6 +296,7 @@ pub async fn generate(params: JsValue, on_step: js_sys::Function, png_out: js_sy
             }
         };
         let out = pipe.generate(&g, &opts, &mut progress).await;
+        s.activation_peak = g.memory().peak_live_bytes.saturating_sub(resident);
         if before != pipe.adapters().iter().map(|(_, s)| *s).collect::<Vec<_>>() {
             pipe.set_adapter_strengths(&g, &before).map_err(err)?;
         }
@@ -396,7 +411,8 @@ async fn install(s: &mut State) -> Result<(), JsValue> {
     let Some(pipe) = s.pipe.as_mut() else { return Ok(()) };
     let files = s.loras.iter().map(|l| Arc::clone(&l.file)).collect();
     let strengths = s.loras.iter().map(Lora::strengths).collect();
-    pipe.set_adapters(&*gpu().await?, files, strengths).await.map_err(err)?;
+    let report = pipe.set_adapters(&*gpu().await?, files, strengths).await.map_err(err)?;
+    s.adapter_bytes = report.text_encoder.bytes + report.unet.bytes;
     Ok(())
 }
 
@@ -501,6 +517,11 @@ struct Memory {
     free_bytes: u64,
     model: String,
     adapters: usize,
+    /// GPU bytes of the model's weights, the adapters' data, and the last generation's peak
+    /// activations.
+    weights_bytes: u64,
+    adapter_bytes: u64,
+    activation_peak_bytes: u64,
 }
 
 /// GPU memory in use and what is loaded.
@@ -508,12 +529,19 @@ struct Memory {
 pub async fn gpu_memory() -> Result<JsValue, JsValue> {
     let g = gpu().await?;
     let m = g.memory();
-    let (model, adapters) = STATE.with_borrow(|s| s.as_ref().map(|s| (s.model_name.clone(), s.loras.len()))).unwrap_or_default();
+    let (model, adapters, w, a, act) = STATE
+        .with_borrow(|s| {
+            s.as_ref().map(|s| (s.model_name.clone(), s.loras.len(), s.model_bytes, s.adapter_bytes, s.activation_peak))
+        })
+        .unwrap_or_default();
     to_js(&Memory {
         live_bytes: m.live_bytes,
         peak_live_bytes: m.peak_live_bytes,
         free_bytes: m.free_bytes,
         model,
         adapters,
+        weights_bytes: w,
+        adapter_bytes: a,
+        activation_peak_bytes: act,
     })
 }
