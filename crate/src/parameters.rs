@@ -64,6 +64,25 @@ fn quote(v: &str) -> String {
     }
 }
 
+/// The prompt as A1111 records it: adapters the prompt's `<lora:…>` tags do not name are
+/// appended as tags (`<lora:NAME:W>`, or `<lora:NAME:TE_W:UNET_W>` when the strengths differ);
+/// adapters at strength 0 are left out.
+pub fn prompt_with_adapters(prompt: &str, adapters: &[(String, (f32, f32))]) -> String {
+    let mut out = prompt.to_string();
+    let tagged: Vec<String> =
+        crate::prompt::parse_prompt(prompt).map(|p| p.loras.into_iter().map(|t| t.name).collect()).unwrap_or_default();
+    for (name, (te, unet)) in adapters {
+        if (*te != 0.0 || *unet != 0.0) && crate::prompt::match_adapter(name, &tagged).is_err() {
+            if te == unet {
+                out.push_str(&format!(" <lora:{name}:{te}>"));
+            } else {
+                out.push_str(&format!(" <lora:{name}:{te}:{unet}>"));
+            }
+        }
+    }
+    out
+}
+
 /// Writes the text: prompt, negative prompt (when not empty) and the settings line built from
 /// `settings` (`key`, `value` pairs, quoted when needed).
 pub fn format(prompt: &str, negative: &str, settings: &[(&str, String)]) -> String {
@@ -209,6 +228,12 @@ mod tests {
         // A1111 1.9+ schedule field, no negative prompt.
         let p = parse("cat\nSteps: 4, Sampler: DPM++ 2M, Schedule type: Karras, CFG scale: 5, Seed: 1, Size: 64x64", "y").unwrap();
         assert_eq!((p.prompt.as_str(), p.negative.as_str(), p.sampler), ("cat", "", Some(SamplerKind::DpmPp2MKarras)));
+    }
+
+    #[test]
+    fn adapters_become_tags_unless_the_prompt_names_them() {
+        let a = vec![("style".to_string(), (0.7, 0.7)), ("subject".to_string(), (0.5, 1.0)), ("off".to_string(), (0.0, 0.0))];
+        assert_eq!(prompt_with_adapters("a dog <lora:Style:0.7>", &a), "a dog <lora:Style:0.7> <lora:subject:0.5:1>");
     }
 
     #[test]

@@ -333,18 +333,7 @@ fn parameters_text(
     model: &str,
     weights: Option<DType>,
 ) -> String {
-    let mut prompt = p.prompt.clone();
-    let tagged: Vec<String> =
-        loralab::prompt::parse_prompt(&p.prompt).map(|t| t.loras.into_iter().map(|t| t.name).collect()).unwrap_or_default();
-    for (name, (te, unet)) in used {
-        if (*te != 0.0 || *unet != 0.0) && loralab::prompt::match_adapter(name, &tagged).is_err() {
-            if te == unet {
-                prompt.push_str(&format!(" <lora:{name}:{te}>"));
-            } else {
-                prompt.push_str(&format!(" <lora:{name}:{te}:{unet}>"));
-            }
-        }
-    }
+    let prompt = parameters::prompt_with_adapters(&p.prompt, used);
     let mut settings = vec![
         ("Steps", opts.steps.to_string()),
         ("Sampler", a1111_sampler(opts.sampler).to_string()),

@@ -226,20 +226,8 @@ fn model_name(path: &Path) -> String {
 /// A1111's `parameters` text.
 fn parameters(a: &Args, width: usize, height: usize) -> String {
     let o = &a.opts;
-    let mut prompt = o.prompt.clone();
-    // A1111 keeps adapters as prompt tags: add those the prompt does not name.
-    let tagged: Vec<String> = loralab::prompt::parse_prompt(&o.prompt)
-        .map(|p| p.loras.into_iter().map(|t| t.name).collect())
-        .unwrap_or_default();
-    for (name, (te, unet)) in &a.adapters_used {
-        if (*te != 0.0 || *unet != 0.0) && loralab::prompt::match_adapter(name, &tagged).is_err() {
-            if te == unet {
-                prompt.push_str(&format!(" <lora:{name}:{te}>"));
-            } else {
-                prompt.push_str(&format!(" <lora:{name}:{te}:{unet}>"));
-            }
-        }
-    }
+    // A1111 keeps adapters as prompt tags.
+    let prompt = loralab::parameters::prompt_with_adapters(&o.prompt, &a.adapters_used);
     let mut settings = vec![
         ("Steps", o.steps.to_string()),
         ("Sampler", a1111_sampler(o.sampler).to_string()),
