@@ -1,6 +1,7 @@
 //! The image side of the evaluator: background, shape pixels, components, colour and kind.
 
 use super::shape::{shape_features, ShapeFeatures};
+use super::template::{self, TemplateFit, Window};
 use super::{distance, Color, ShapeKind};
 use crate::error::{Error, Result};
 use serde::Serialize;
@@ -35,8 +36,12 @@ pub struct Classification {
     pub background: Color,
     /// `None` when no shape was found.
     pub color: Option<Color>,
-    /// `Other` when no shape was found or the largest fits no kind.
+    /// The kind whose template fits the components best; `Other` when no shape was found or
+    /// none fits.
     pub shape: ShapeKind,
+    /// The kind the largest component's measures fit best (a second opinion: when it differs,
+    /// the shape confidence is halved).
+    pub shape_by_measures: Option<ShapeKind>,
     /// Number of sizeable components.
     pub count: usize,
     /// The smallest of [`Confidences`].
@@ -52,6 +57,8 @@ pub struct Classification {
     pub areas: Vec<usize>,
     /// Measures of the largest component.
     pub features: Option<ShapeFeatures>,
+    /// How each kind's template fits the sizeable components.
+    pub template: Option<TemplateFit>,
 }
 
 /// Classifies an 8-bit RGB image (`[H, W, 3]` row-major, any size from 3×3; the demo model
@@ -106,6 +113,7 @@ pub fn classify(rgb: &[u8], width: usize, height: usize) -> Result<Classificatio
             background,
             color: None,
             shape: ShapeKind::Other,
+            shape_by_measures: None,
             count: 0,
             confidence: 0.0,
             confidences: Confidences { background: bg_conf, color: 0.0, shape: 0.0 },
@@ -114,6 +122,7 @@ pub fn classify(rgb: &[u8], width: usize, height: usize) -> Result<Classificatio
             threshold,
             areas: vec![],
             features: None,
+            template: None,
         });
     };
 
@@ -132,18 +141,21 @@ pub fn classify(rgb: &[u8], width: usize, height: usize) -> Result<Classificatio
     let color_conf = if d1 + d2 > 0.0 { (d2 - d1) / (d2 + d1) } else { 0.0 };
 
     let features = shape_features(main);
-    let (shape, shape_conf) = match &features {
-        Some(f) => {
-            let fit = f.fit();
-            (fit.kind, fit.confidence)
-        }
-        None => (ShapeKind::Other, 0.0),
+    let windows = membership_windows(&dist, width, height, &comps, distance(shape_rgb, background_rgb));
+    let fit = template::fit(&windows);
+    let by_measures = features.as_ref().map(|f| f.fit().kind);
+    let agree = if by_measures == Some(fit.kind) { 1.0 } else { 0.5 };
+    let (shape, shape_conf) = if fit.errors.iter().all(|(_, e)| !(*e <= template::OTHER_ERROR)) {
+        (ShapeKind::Other, 0.0)
+    } else {
+        (fit.kind, fit.confidence * agree)
     };
     let confidences = Confidences { background: bg_conf, color: color_conf, shape: shape_conf };
     Ok(Classification {
         background,
         color: Some(color),
         shape,
+        shape_by_measures: by_measures,
         count: comps.len(),
         confidence: bg_conf.min(color_conf).min(shape_conf),
         confidences,
@@ -152,7 +164,44 @@ pub fn classify(rgb: &[u8], width: usize, height: usize) -> Result<Classificatio
         threshold,
         areas: comps.iter().map(Vec::len).collect(),
         features,
+        template: Some(fit),
     })
+}
+
+/// One window per component: its bounding box grown by a margin for blur, holding each
+/// pixel's membership `distance from the background / contrast` clamped to 0–1, with the
+/// pixels of the other components set to 0.
+fn membership_windows(dist: &[f32], width: usize, height: usize, comps: &[Vec<(usize, usize)>], contrast: f32) -> Vec<Window> {
+    let mut label = vec![usize::MAX; width * height];
+    for (k, c) in comps.iter().enumerate() {
+        for &(x, y) in c {
+            label[y * width + x] = k;
+        }
+    }
+    let contrast = contrast.max(MIN_CONTRAST);
+    comps
+        .iter()
+        .enumerate()
+        .filter_map(|(k, c)| {
+            let f = shape_features(c)?;
+            let [bx, by, bw, bh] = f.bbox;
+            let margin = 3 + bw.max(bh) / 4;
+            let (x0, y0) = (bx.saturating_sub(margin), by.saturating_sub(margin));
+            let (x1, y1) = ((bx + bw + margin).min(width), (by + bh + margin).min(height));
+            let (w, h) = (x1 - x0, y1 - y0);
+            let mut m = vec![0f32; w * h];
+            for j in 0..h {
+                for i in 0..w {
+                    let idx = (y0 + j) * width + x0 + i;
+                    let l = label[idx];
+                    if l == usize::MAX || l == k {
+                        m[j * w + i] = (dist[idx] / contrast).clamp(0.0, 1.0);
+                    }
+                }
+            }
+            Some(Window { x0, y0, w, h, m })
+        })
+        .collect()
 }
 
 /// Otsu's threshold of `values` (≥ 0): the cut of a 256-bin histogram over [0, max] that

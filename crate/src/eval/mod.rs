@@ -8,17 +8,21 @@
 //! border pixels are nearest to; shape pixels = pixels far from the observed background (an
 //! Otsu split of the colour distances, never below [`MIN_CONTRAST`]); components = 4-connected
 //! groups of shape pixels, small ones ignored; shape colour = the palette colour nearest the
-//! median of the largest component's interior; shape kind = the best fit of the largest
-//! component's fill ratio, solidity, centroid height, top notch and outline harmonics to each
-//! kind's prototype (the `shape` module documents the measures and their ranges).
+//! median of the largest component's interior; shape kind = the kind whose ideal shape, drawn
+//! at each component's centroid and mass and blurred, best matches the components' soft
+//! membership (the `template` module), with the largest component's fill ratio, solidity,
+//! centroid height, top notch and outline harmonics fitted to per-kind prototypes as a second
+//! opinion (the `shape` module documents the measures and their ranges).
 
 mod classify;
 mod prompts;
 mod shape;
+mod template;
 
 pub use classify::{classify, Classification, Confidences, MIN_CONTRAST};
 pub use prompts::{parse_prompts, parse_records, EvalRecord, Expected};
 pub use shape::{shape_features, ShapeFeatures, ShapeFit};
+pub use template::TemplateFit;
 
 use crate::sampler::{SamplerConfig, SamplerKind};
 use serde::Serialize;
