@@ -4,7 +4,7 @@
 // The protocol is described in docs/web.md.
 import load, {
   init, self_test, version, load_model, generate, lora_add, lora_set, lora_remove,
-  embedding_add, parameters_read, gpu_memory,
+  embedding_add, parameters_read, gpu_memory, merge_outputs, merge_write,
 } from "./loralab-web.js";
 
 const loaded = load();
@@ -322,6 +322,24 @@ const commands = {
     return null;
   },
   embedding_add: ({ file }) => embedding_add(file, file.name),
+  // The enabled adapters merged into the loaded model's files, written into the Origin Private
+  // File System: [{component, name, file: File, tensors, merged, bytes}].
+  async merge_export({ weights = "f16" }) {
+    const dir = await opfsDir("exports", true);
+    const out = [];
+    for (const o of merge_outputs()) {
+      const fh = await dir.getFileHandle(o.name.replaceAll("/", "_"), { create: true });
+      const handle = await fh.createSyncAccessHandle();
+      let written;
+      try {
+        written = merge_write(o.component, handle, o.name, weights);
+      } finally {
+        handle.close();
+      }
+      out.push({ component: o.component, name: o.name, file: await fh.getFile(), ...written });
+    }
+    return out;
+  },
   parameters_read: ({ file }) => parameters_read(file, file.name),
   async device() {
     const engine = await init();

@@ -263,6 +263,30 @@ test("a LoRA card shows the file; strength 1 changes the image, strength 0 gives
   await grid.scrollIntoViewIfNeeded();
   await screenshot(page, "06-grid");
 
+  // Merge and download: the adapter fused into the model's UNet and text-encoder files.
+  const downloads = [];
+  const onDownload = (d) => downloads.push(d);
+  page.on("download", onDownload);
+  await page.getByRole("button", { name: "Merge and download" }).click();
+  await page.waitForFunction(() => document.querySelectorAll("#merge-files a").length === 2, null, { timeout: TIMEOUT_MS });
+  await page.waitForFunction(() => !document.getElementById("merge").disabled, null, { timeout: TIMEOUT_MS });
+  const deadline = Date.now() + 10_000;
+  while (downloads.length < 2 && Date.now() < deadline) await new Promise((r) => setTimeout(r, 100));
+  assert.equal(downloads.length, 2, `downloads: ${downloads.map((d) => d.suggestedFilename())}; ${await page.locator("#merge-status").innerText()}`);
+  for (const d of downloads) {
+    const path = join(artifacts, d.suggestedFilename());
+    await d.saveAs(path);
+    const bytes = readFileSync(path);
+    const n = Number(bytes.readBigUInt64LE(0));
+    const header = JSON.parse(bytes.subarray(8, 8 + n).toString("utf8"));
+    const merged = JSON.parse(header.__metadata__?.loralab_merged_loras ?? "[]");
+    assert.ok(merged.some((m) => /kohya/.test(m.name ?? m.file ?? "")), `${d.suggestedFilename()}: metadata ${JSON.stringify(header.__metadata__)}`);
+    assert.ok(Object.keys(header).length > 10, `${d.suggestedFilename()}: ${Object.keys(header).length} entries`);
+    assert.equal(bytes.length, 8 + n + Math.max(...Object.values(header).filter((t) => t.data_offsets).map((t) => t.data_offsets[1])));
+  }
+  page.off("download", onDownload);
+  await screenshot(page, "06b-merged");
+
   // Removing the adapter gives the base image again; the broken card is dismissed.
   await card.getByRole("button", { name: `Remove ${name}` }).click();
   await card.waitFor({ state: "detached", timeout: TIMEOUT_MS });

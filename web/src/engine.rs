@@ -39,9 +39,16 @@ impl Lora {
     }
 }
 
+/// Where the loaded model came from (kept to re-read it for a merge).
+pub(crate) enum Source {
+    Single { name: String, blob: Blob },
+    Folder { name: String, files: Vec<(String, Blob)> },
+}
+
 #[derive(Default)]
 struct State {
     pipe: Option<StableDiffusionPipeline>,
+    source: Option<Source>,
     config: Option<PipelineConfig>,
     model_name: String,
     weights: Option<DType>,
@@ -64,6 +71,24 @@ fn take() -> Result<State, JsValue> {
     STATE
         .with_borrow_mut(|s| s.take())
         .ok_or_else(|| js_sys::Error::new("the engine is busy with another command").into())
+}
+
+/// Runs `f` with the loaded model's source and the enabled adapters with their (text encoder,
+/// UNet) strengths.
+pub(crate) fn with_source<T>(
+    f: impl FnOnce(&Source, &[(Arc<LoraFile>, (f32, f32))]) -> Result<T, JsValue>,
+) -> Result<T, JsValue> {
+    let s = take()?;
+    let r = match &s.source {
+        Some(src) => {
+            let adapters: Vec<(Arc<LoraFile>, (f32, f32))> =
+                s.loras.iter().filter(|l| l.enabled).map(|l| (Arc::clone(&l.file), (l.te, l.unet))).collect();
+            f(src, &adapters)
+        }
+        None => Err(invalid("no model is loaded")),
+    };
+    put(s);
+    r
 }
 
 fn put(s: State) {
@@ -120,19 +145,25 @@ pub async fn load_model(files: js_sys::Object, name: String, source: String, wei
         // Free the previous model first: two models may not fit together.
         s.pipe = None;
         g.trim();
+        s.source = None;
         let ck = if entries.len() == 1 && entries[0].0.to_ascii_lowercase().ends_with(".safetensors") {
             let (path, blob) = entries.pop().unwrap_or_else(|| unreachable!());
             if loralab::model::checkpoint::is_pickle_name(&path) {
                 return Err(err(loralab::model::checkpoint::refuse_pickle(&path)));
             }
-            Checkpoint::open_single_file(BlobReader::new(blob, path.clone()), &path, PipelineConfig::sd15()).map_err(err)?
+            let ck = Checkpoint::open_single_file(BlobReader::new(blob.clone(), path.clone()), &path, PipelineConfig::sd15())
+                .map_err(err)?;
+            s.source = Some(Source::Single { name: path, blob });
+            ck
         } else {
             if let Some((p, _)) = entries.iter().find(|(p, _)| loralab::model::checkpoint::is_pickle_name(p)) {
                 if !entries.iter().any(|(p, _)| p.ends_with(".safetensors")) {
                     return Err(err(loralab::model::checkpoint::refuse_pickle(p)));
                 }
             }
-            Checkpoint::open_folder(&BlobFiles::new(&name, entries)).map_err(err)?
+            let ck = Checkpoint::open_folder(&BlobFiles::new(&name, entries.clone())).map_err(err)?;
+            s.source = Some(Source::Folder { name: name.clone(), files: entries });
+            ck
         };
         let config = ck.config.clone();
         let sampler = SamplerKind::EulerAncestral;

@@ -9,7 +9,8 @@
 //! ```
 //!
 //! The text-to-image engine (`engine.rs`): `load_model`, `generate`, `lora_add`, `lora_set`,
-//! `lora_remove`, `embedding_add`, `parameters_read`, `memory` — files come in as Blobs and are
+//! `lora_remove`, `embedding_add`, `parameters_read`, `gpu_memory`, and merging the adapters into
+//! the model's files (`merge.rs`) — files come in as Blobs and are
 //! read by byte ranges (`files.rs`), never whole into wasm memory.
 //!
 //! Errors are thrown as `Error` objects carrying the engine's message; a missing WebGPU adapter
@@ -19,6 +20,7 @@
 
 mod engine;
 mod files;
+mod merge;
 
 use loralab::selftest;
 use loralab::{Error, Gpu, GpuOptions};

@@ -268,7 +268,36 @@ async function addEmbeddings(app, files) {
   }
 }
 
+// Merge and download: the engine writes the merged files into the browser's private storage;
+// each becomes a download link (and is clicked once).
+async function mergeDownload(app) {
+  const status = $("merge-status");
+  const list = $("merge-files");
+  const button = $("merge");
+  button.disabled = true;
+  status.textContent = "Merging the enabled adapters into the model…";
+  try {
+    const files = await app.engine.call("merge_export", { weights: "f16" });
+    list.replaceChildren();
+    for (const f of files) {
+      const name = f.name.replaceAll("/", "_");
+      const a = el("a", { href: URL.createObjectURL(f.file), download: name }, `Download ${f.name}`);
+      list.append(el("li", {}, a, el("span", { class: "muted" }, ` ${(f.bytes / 2 ** 20).toFixed(1)} MiB · ${f.merged} of ${f.tensors} tensors changed`)));
+      a.click();
+    }
+    status.textContent = files.length > 1
+      ? "Merged: put these files into a copy of the model folder (the VAE is unchanged)."
+      : "Merged.";
+  } catch (err) {
+    status.textContent = `Merge failed: ${err.message}`;
+    if (app.isFatal(err)) app.fatal(err);
+  } finally {
+    button.disabled = false;
+  }
+}
+
 export function initLoras(app) {
+  $("merge").addEventListener("click", () => mergeDownload(app));
   live = debounce(() => regenerateLive(app), 250);
   $("lora-input").addEventListener("change", (e) => {
     const files = [...e.target.files];
