@@ -8,7 +8,7 @@ mod cli;
 mod draw;
 mod generator;
 
-use draw::{image, Shape};
+use draw::{image, Shape, Soften, SHARP};
 use loralab::eval::{
     classify, parse_prompts, parse_records, recommended_sampler, Classification, Color, Expected, Score, ShapeKind, BAR,
 };
@@ -50,7 +50,7 @@ fn every_shape_colour_and_background() {
     for kind in ShapeKind::NAMED {
         for (i, (bg, color)) in pairs().into_iter().enumerate() {
             let (dx, dy) = ((i % 5) as f32 - 2.0, (i % 3) as f32 - 1.0);
-            let rgb = image(64, 64, bg, color, &[shape(kind, 24.0, 32.0 + dx, 32.0 + dy)], 0.0, 0.0, 0);
+            let rgb = image(64, 64, bg, color, &[shape(kind, 24.0, 32.0 + dx, 32.0 + dy)], SHARP);
             let g = classify(&rgb, 64, 64).expect("classify");
             n += 1;
             min_conf = min_conf.min(g.confidence);
@@ -83,7 +83,7 @@ fn sizes_and_positions() {
             for cell in 0..9 {
                 let (bg, color) = pairs[n % pairs.len()];
                 let (cx, cy) = grid_centre(64.0, size, cell, &mut rng);
-                let rgb = image(64, 64, bg, color, &[shape(kind, size, cx, cy)], 0.0, 0.0, 0);
+                let rgb = image(64, 64, bg, color, &[shape(kind, size, cx, cy)], SHARP);
                 let g = classify(&rgb, 64, 64).expect("classify");
                 n += 1;
                 if let Some(m) = mismatch(&g, bg, color, kind, 1) {
@@ -108,7 +108,7 @@ fn two_shapes() {
             for (l, (a, b)) in layouts.into_iter().enumerate() {
                 let (bg, color) = pairs[(7 * n + 3) % pairs.len()];
                 let shapes = [shape(kind, size, a.0, a.1), shape(kind, size * if k % 2 == 0 { 1.0 } else { 0.8 }, b.0, b.1)];
-                let rgb = image(64, 64, bg, color, &shapes, 0.0, 0.0, 0);
+                let rgb = image(64, 64, bg, color, &shapes, SHARP);
                 let g = classify(&rgb, 64, 64).expect("classify");
                 n += 1;
                 if let Some(m) = mismatch(&g, bg, color, kind, 2) {
@@ -135,7 +135,7 @@ fn blurred_and_noisy() {
                 for cell in [0, 4, 8] {
                     let (bg, color) = pairs[(5 * n + 1) % pairs.len()];
                     let (cx, cy) = grid_centre(64.0, size, cell, &mut rng);
-                    let rgb = image(64, 64, bg, color, &[shape(kind, size, cx, cy)], blur, noise, n as u64);
+                    let rgb = image(64, 64, bg, color, &[shape(kind, size, cx, cy)], Soften { blur, noise, seed: n as u64 });
                     let g = classify(&rgb, 64, 64).expect("classify");
                     n += 1;
                     if g.background != bg || g.color != Some(color) || g.count != 1 {
@@ -161,7 +161,7 @@ fn other_image_sizes() {
         for (i, kind) in ShapeKind::NAMED.into_iter().enumerate() {
             let (bg, color) = pairs()[11 * i + w % 7];
             let s = shape(kind, side * 0.45, w as f32 / 2.0, h as f32 / 2.0);
-            let g = classify(&image(w, h, bg, color, &[s], 0.0, 0.0, 0), w, h).expect("classify");
+            let g = classify(&image(w, h, bg, color, &[s], SHARP), w, h).expect("classify");
             if let Some(m) = mismatch(&g, bg, color, kind, 1) {
                 failures.push(format!("{w}x{h}: {m}"));
             }
@@ -173,7 +173,7 @@ fn other_image_sizes() {
 #[test]
 fn blank_noise_and_bad_buffers() {
     // A plain background: no shape, its colour still read.
-    let g = classify(&image(64, 64, Color::Purple, Color::Red, &[], 1.0, 8.0, 3), 64, 64).expect("classify");
+    let g = classify(&image(64, 64, Color::Purple, Color::Red, &[], Soften { blur: 1.0, noise: 8.0, seed: 3 }), 64, 64).expect("classify");
     assert_eq!((g.background, g.color, g.shape, g.count), (Color::Purple, None, ShapeKind::Other, 0));
     assert_eq!(g.confidence, 0.0);
     // Uniform noise: no panic, and no confident answer.
@@ -190,8 +190,8 @@ fn blank_noise_and_bad_buffers() {
 #[test]
 fn clean_images_are_more_confident_than_blurred_ones() {
     let s = [shape(ShapeKind::Triangle, 22.0, 30.0, 33.0)];
-    let clean = classify(&image(64, 64, Color::Blue, Color::Orange, &s, 0.0, 0.0, 0), 64, 64).expect("classify");
-    let soft = classify(&image(64, 64, Color::Blue, Color::Orange, &s, 1.5, 20.0, 1), 64, 64).expect("classify");
+    let clean = classify(&image(64, 64, Color::Blue, Color::Orange, &s, SHARP), 64, 64).expect("classify");
+    let soft = classify(&image(64, 64, Color::Blue, Color::Orange, &s, Soften { blur: 1.5, noise: 20.0, seed: 1 }), 64, 64).expect("classify");
     assert!(clean.confidence > 0.9, "{clean:?}");
     assert!(soft.confidences.color < clean.confidences.color, "{soft:?} vs {clean:?}");
     assert!(soft.confidences.background < clean.confidences.background + 1e-6, "{soft:?} vs {clean:?}");
@@ -270,9 +270,9 @@ fn recommended_sampler_from_the_scheduler_config() {
 #[test]
 fn scores_and_the_bar() {
     let e = Expected { shape: ShapeKind::Star, color: Color::Red, background: Color::Blue, count: Some(2) };
-    let star = image(64, 64, Color::Blue, Color::Red, &[shape(ShapeKind::Star, 20.0, 16.0, 16.0), shape(ShapeKind::Star, 20.0, 46.0, 46.0)], 0.0, 0.0, 0);
+    let star = image(64, 64, Color::Blue, Color::Red, &[shape(ShapeKind::Star, 20.0, 16.0, 16.0), shape(ShapeKind::Star, 20.0, 46.0, 46.0)], SHARP);
     let right = classify(&star, 64, 64).expect("classify");
-    let wrong = classify(&image(64, 64, Color::White, Color::Red, &[shape(ShapeKind::Square, 20.0, 30.0, 30.0)], 0.0, 0.0, 0), 64, 64)
+    let wrong = classify(&image(64, 64, Color::White, Color::Red, &[shape(ShapeKind::Square, 20.0, 30.0, 30.0)], SHARP), 64, 64)
         .expect("classify");
     let mut s = Score::default();
     let a = s.add(&e, &right);
@@ -306,7 +306,7 @@ fn outline_harmonics_name_the_corners() {
     for blur in [0.0, 1.0] {
         for size in [16.0, 24.0, 36.0] {
             for (kind, dominant) in [(ShapeKind::Square, 4), (ShapeKind::Triangle, 3), (ShapeKind::Star, 5), (ShapeKind::Circle, 0)] {
-                let rgb = image(64, 64, Color::Blue, Color::Yellow, &[shape(kind, size, 31.3, 32.6)], blur, 0.0, 1);
+                let rgb = image(64, 64, Color::Blue, Color::Yellow, &[shape(kind, size, 31.3, 32.6)], Soften { blur, noise: 0.0, seed: 1 });
                 let f = classify(&rgb, 64, 64).expect("classify").features.expect("a shape");
                 let h = f.harmonics;
                 if dominant == 0 {
@@ -336,7 +336,7 @@ fn heavy_blur_is_read_by_the_templates() {
             for cell in [0, 2, 4, 6, 8] {
                 let (bg, color) = pairs[(3 * n + 2) % pairs.len()];
                 let (cx, cy) = grid_centre(64.0, size, cell, &mut rng);
-                let rgb = image(64, 64, bg, color, &[shape(kind, size, cx, cy)], 2.0, 10.0, n as u64);
+                let rgb = image(64, 64, bg, color, &[shape(kind, size, cx, cy)], Soften { blur: 2.0, noise: 10.0, seed: n as u64 });
                 let g = classify(&rgb, 64, 64).expect("classify");
                 n += 1;
                 assert!(g.background == bg && g.color == Some(color) && g.count == 1, "{}", mismatch(&g, bg, color, kind, 1).unwrap_or_default());

@@ -145,7 +145,7 @@ pub fn classify(rgb: &[u8], width: usize, height: usize) -> Result<Classificatio
     let fit = template::fit(&windows);
     let by_measures = features.as_ref().map(|f| f.fit().kind);
     let agree = if by_measures == Some(fit.kind) { 1.0 } else { 0.5 };
-    let (shape, shape_conf) = if fit.errors.iter().all(|(_, e)| !(*e <= template::OTHER_ERROR)) {
+    let (shape, shape_conf) = if fit.errors.iter().all(|(_, e)| e.is_nan() || *e > template::OTHER_ERROR) {
         (ShapeKind::Other, 0.0)
     } else {
         (fit.kind, fit.confidence * agree)
@@ -209,7 +209,7 @@ fn membership_windows(dist: &[f32], width: usize, height: usize, comps: &[Vec<(u
 pub(crate) fn otsu(values: &[f32]) -> f32 {
     const BINS: usize = 256;
     let max = values.iter().copied().fold(0.0f32, f32::max);
-    if !(max > 0.0) {
+    if max <= 0.0 {
         return 0.0;
     }
     let scale = (BINS - 1) as f32 / max;

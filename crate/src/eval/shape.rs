@@ -113,24 +113,23 @@ fn harmonics(pixels: &[(usize, usize)], cx: f64, cy: f64) -> [f32; 6] {
         let bin = (((dy.atan2(dx) + TAU) % TAU) / TAU * BINS as f64) as usize % BINS;
         // The pixel's far half reaches about half a pixel further out.
         let d = (dx * dx + dy * dy).sqrt() + 0.5;
-        if !(r[bin] >= d) {
+        if r[bin].is_nan() || r[bin] < d {
             r[bin] = d;
         }
     }
-    let filled: Vec<usize> = (0..BINS).filter(|&i| r[i].is_finite()).collect();
-    if filled.is_empty() {
+    if r.iter().all(|v| v.is_nan()) {
         return [0.0; 6];
     }
     let mut full = r;
-    for i in 0..BINS {
-        if full[i].is_finite() {
+    for (i, slot) in full.iter_mut().enumerate() {
+        if slot.is_finite() {
             continue;
         }
         // Nearest filled bins before and after, circularly.
         let prev = (1..BINS).map(|k| (i + BINS - k) % BINS).find(|&j| r[j].is_finite()).unwrap_or(i);
         let next = (1..BINS).map(|k| (i + k) % BINS).find(|&j| r[j].is_finite()).unwrap_or(i);
         let (dp, dn) = (((i + BINS - prev) % BINS) as f64, ((next + BINS - i) % BINS) as f64);
-        full[i] = if dp + dn > 0.0 { (r[prev] * dn + r[next] * dp) / (dp + dn) } else { r[prev] };
+        *slot = if dp + dn > 0.0 { (r[prev] * dn + r[next] * dp) / (dp + dn) } else { r[prev] };
     }
     let c0: f64 = full.iter().sum();
     let mut out = [0f32; 6];
@@ -275,7 +274,7 @@ impl ShapeFeatures {
             .iter()
             .copied()
             .fold((ShapeKind::Other, f32::INFINITY), |acc, (k, d)| if d < acc.1 { (k, d) } else { acc });
-        if !(best_d <= OTHER_DISTANCE) {
+        if best_d.is_nan() || best_d > OTHER_DISTANCE {
             return ShapeFit { kind: ShapeKind::Other, confidence: 0.0, distances };
         }
         let total: f32 = distances.iter().map(|(_, d)| (-(d - best_d) / 2.0).exp()).sum();

@@ -146,17 +146,29 @@ fn point_in_polygon(pts: &[(f32, f32)], x: f32, y: f32) -> bool {
     inside
 }
 
-/// One image: `shapes` in `color` on `background`, with blur and noise when non-zero.
-pub fn image(w: usize, h: usize, background: Color, color: Color, shapes: &[Shape], blur: f32, noise: f32, seed: u64) -> Vec<u8> {
+/// What happens to a drawn image: Gaussian blur σ and uniform noise ±`noise` (seeded), each
+/// when non-zero.
+#[derive(Clone, Copy, Debug)]
+pub struct Soften {
+    pub blur: f32,
+    pub noise: f32,
+    pub seed: u64,
+}
+
+/// No blur, no noise.
+pub const SHARP: Soften = Soften { blur: 0.0, noise: 0.0, seed: 0 };
+
+/// One image: `shapes` in `color` on `background`, then softened.
+pub fn image(w: usize, h: usize, background: Color, color: Color, shapes: &[Shape], soften: Soften) -> Vec<u8> {
     let mut c = Canvas::new(w, h, background);
     for s in shapes {
         c.draw(*s, color);
     }
-    if blur > 0.0 {
-        c.blur(blur);
+    if soften.blur > 0.0 {
+        c.blur(soften.blur);
     }
-    if noise > 0.0 {
-        c.noise(noise, seed);
+    if soften.noise > 0.0 {
+        c.noise(soften.noise, soften.seed);
     }
     c.rgb8()
 }
