@@ -6,6 +6,7 @@
 //! memory-bound in practice, GB/s of the bytes it must read and write at least once.
 //! The clock is passed in so the same code runs natively and in a browser.
 
+pub mod lora;
 pub mod unet;
 
 use crate::error::Result;

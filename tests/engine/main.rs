@@ -4,6 +4,7 @@
 
 mod adapter_kernels;
 mod attention;
+mod bench_lora;
 mod bench_unet;
 mod checkpoint;
 mod clip;

@@ -1,6 +1,8 @@
 //! The `loralab` command line: adapter information, the kernel self-test and text-to-image
 //! generation on this machine's GPU (Vulkan / Metal / DX12 / GL through wgpu).
 
+#[path = "loralab/bench_lora.rs"]
+mod bench_lora;
 #[path = "loralab/eval.rs"]
 mod eval;
 #[path = "loralab/generate.rs"]
@@ -28,7 +30,7 @@ Usage:
                                         one SD1.5 UNet step (64x64 latents, batch 2) per weight type
                                         with random weights: time and peak memory, plus the whole
                                         512x512 pipeline's peak memory
-{EVAL}{GENERATE}{LORA}{MERGE}  loralab help                          this text
+{BENCH_LORA}{EVAL}{GENERATE}{LORA}{MERGE}  loralab help                          this text
 
 Options:
   --json    machine-readable output on stdout
@@ -41,7 +43,7 @@ Environment:
 ";
 
 fn usage() -> String {
-    USAGE.replace("{EVAL}", eval::USAGE).replace("{GENERATE}", generate::USAGE).replace("{LORA}", lora::USAGE).replace("{MERGE}", merge::USAGE)
+    USAGE.replace("{BENCH_LORA}", bench_lora::USAGE).replace("{EVAL}", eval::USAGE).replace("{GENERATE}", generate::USAGE).replace("{LORA}", lora::USAGE).replace("{MERGE}", merge::USAGE)
 }
 
 /// Options shared by the subcommands.
@@ -220,12 +222,13 @@ fn run_selftest(args: &[String]) -> Result<ExitCode, String> {
 fn run_bench(args: &[String]) -> Result<ExitCode, String> {
     let (what, rest) = match args.split_first() {
         Some((w, r)) if !w.starts_with("--") => (w.as_str(), r),
-        _ => return Err("`loralab bench` needs a suite: `loralab bench kernels` or `loralab bench unet`".to_string()),
+        _ => return Err("`loralab bench` needs a suite: `loralab bench kernels`, `loralab bench unet` or `loralab bench lora`".to_string()),
     };
     match what {
         "kernels" => {}
         "unet" => return run_bench_unet(rest),
-        _ => return Err(format!("`loralab bench {what}`: unknown suite (available: kernels, unet)")),
+        "lora" => return bench_lora::run(rest),
+        _ => return Err(format!("`loralab bench {what}`: unknown suite (available: kernels, unet, lora)")),
     }
     let mut flags = Flags::default();
     let mut opts = loralab::bench::BenchOptions::default();
