@@ -293,6 +293,13 @@ TRAIN_TEMPLATES = [
     "{o} drawn on a {b} background",
     "{o} on a plain {b} background",
     "an image with a {b} background and {o}",
+    "{o} with a {b} background",
+    "{b} background and {o}",
+    "{o} lying on a {b} background",
+    "{o} floating on {b}",
+    "{o} on top of a {b} background",
+    "a {b} colored background with {o}",
+    "{o} printed on a {b} background",
 ]
 TRAIN_TEMPLATES_POS = [
     "{o} {p}",
