@@ -205,16 +205,13 @@ async function dirSize(dir) {
   return n;
 }
 
-// The bundled demo model, relative to the page; the tiny test model stands in where the
-// demo model is not part of the build.
+// The bundled demo model (www/models/demo), relative to the page.
 async function loadDemo(weights, progress) {
-  for (const [base, name] of [["models/demo/", "demo"], ["models/tiny-sd15-a/", "tiny-sd15-a"]]) {
-    const probe = await fetchOk(new URL(`${base}model_index.json`, self.location.href).href);
-    if (!probe.ok) continue;
-    const files = await fetchFolder(new URL(base, self.location.href).href, progress, null);
-    return load_model(files, name, "demo", weights);
-  }
-  throw userError("the bundled demo model is missing from this build (models/demo/)");
+  const base = "models/demo/";
+  const probe = await fetchOk(new URL(`${base}model_index.json`, self.location.href).href);
+  if (!probe.ok) throw userError("the bundled demo model is missing from this build (models/demo/)");
+  const files = await fetchFolder(new URL(base, self.location.href).href, progress, null);
+  return load_model(files, "demo", "demo", weights);
 }
 
 // Picked or dropped files by their path inside the folder (`paths[i]` from the page for

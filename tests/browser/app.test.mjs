@@ -1,6 +1,7 @@
 // End-to-end test of the web app in the system Chromium on WebGPU (SwiftShader without a GPU):
-// the default model loads on open and generates with per-step progress; the downloaded PNG
-// carries its parameters and dropping it back restores them; a LoRA file becomes a card whose
+// the bundled demo model loads on open and draws what the prompt asks for, with per-step
+// progress; the downloaded PNG carries its parameters and dropping it back restores them; a model
+// folder opens from the file picker; a LoRA file becomes a card whose
 // strength changes the image (strength 0 = no adapter, pixel for pixel), Live re-generates and the
 // X/Y grid renders; a broken adapter file leaves the rest working; a model loads from a URL served
 // on 127.0.0.1 and, after a reload with that server stopped, from the browser's cache. No request
@@ -18,6 +19,8 @@ import { comparePixels, readPng } from "./png.mjs";
 
 const TIMEOUT_MS = Number(process.env.APP_TIMEOUT_MS ?? 300_000);
 const STEPS = 4;
+/** Steps for the demo model's drawing: its recommended number. */
+const DRAW_STEPS = 20;
 const fixtures = join(repo, "tests/fixtures");
 
 let app;
@@ -112,6 +115,39 @@ function crop(img, x0, y0, w, h) {
 
 const rgb = (img) => crop(img, 0, 0, img.width, img.height);
 
+/** The demo data's palette (tools/demo/README.md). */
+const PALETTE = {
+  red: [220, 40, 40], green: [40, 170, 60], blue: [40, 80, 220], yellow: [240, 215, 40],
+  purple: [140, 60, 200], orange: [245, 135, 30], white: [245, 245, 245], black: [20, 20, 20],
+};
+
+function nearest([r, g, b]) {
+  let best = null;
+  let bestD = Infinity;
+  for (const [name, [pr, pg, pb]] of Object.entries(PALETTE)) {
+    const d = (r - pr) ** 2 + (g - pg) ** 2 + (b - pb) ** 2;
+    if (d < bestD) [best, bestD] = [name, d];
+  }
+  return best;
+}
+
+/** The palette colour of most border pixels, and each colour's share of all pixels. */
+function paletteShares(img) {
+  const counts = {};
+  const border = {};
+  for (let y = 0; y < img.height; y++) {
+    for (let x = 0; x < img.width; x++) {
+      const i = (y * img.width + x) * 3;
+      const c = nearest(img.pixels.subarray(i, i + 3));
+      counts[c] = (counts[c] ?? 0) + 1;
+      if (x === 0 || y === 0 || x === img.width - 1 || y === img.height - 1) border[c] = (border[c] ?? 0) + 1;
+    }
+  }
+  const n = img.width * img.height;
+  const shares = Object.fromEntries(Object.entries(counts).map(([c, k]) => [c, k / n]));
+  return { border: Object.entries(border).sort((a, b) => b[1] - a[1])[0][0], shares };
+}
+
 function assertClean(what) {
   assert.deepEqual(session.problems, [], `${what}: console errors, page errors, failed requests or other origins`);
 }
@@ -124,7 +160,10 @@ test("the default model loads on open; Ctrl+Enter generates with progress throug
   assert.match(csp, /connect-src 'self' https: http:\/\/127\.0\.0\.1:\* http:\/\/localhost:\*/);
   await screenshot(page, "01-ready");
 
-  await setForm({ prompt: "a red lighthouse on a cliff", seed: 1234 });
+  // The model's recommended settings fill the form.
+  assert.equal(await $.steps().inputValue(), String(DRAW_STEPS));
+  assert.equal(await session.page.getByRole("spinbutton", { name: "CFG scale" }).inputValue(), "5");
+  await setForm({ prompt: "a red circle on a blue background", seed: 1234, steps: DRAW_STEPS });
   await page.evaluate(() => {
     const bar = document.getElementById("gen-progress");
     window.progressSeen = [];
@@ -138,8 +177,8 @@ test("the default model loads on open; Ctrl+Enter generates with progress throug
 
   const seen = await page.evaluate(() => window.progressSeen);
   const values = seen.map(([v]) => v).filter((v, i, all) => v > 0 && v !== all[i - 1]);
-  assert.deepEqual(values, Array.from({ length: STEPS }, (_, i) => i + 1), `progress values ${JSON.stringify(seen)}`);
-  assert.ok(seen.every(([, max]) => max === STEPS), `progress max ${JSON.stringify(seen)}`);
+  assert.deepEqual(values, Array.from({ length: DRAW_STEPS }, (_, i) => i + 1), `progress values ${JSON.stringify(seen)}`);
+  assert.ok(seen.every(([, max]) => max === DRAW_STEPS), `progress max ${JSON.stringify(seen)}`);
   assert.match(await page.locator("#gen-status").innerText(), /done/);
 
   const img = $.newest();
@@ -148,7 +187,11 @@ test("the default model loads on open; Ctrl+Enter generates with progress throug
   assert.ok(await img.evaluate((i) => i.complete && i.naturalWidth > 0), "the image did not decode");
   assert.equal(result.png.width % 8, 0);
   assert.equal(result.png.height % 8, 0);
-  assert.match(result.name, /^1234-a-red-lighthouse-on-a-cliff\.png$/);
+  assert.match(result.name, /^1234-a-red-circle-on-a-blue-background\.png$/);
+  // The demo model draws the prompt: a blue border (the background), a red shape.
+  const colours = paletteShares(rgb(result.png));
+  assert.equal(colours.border, "blue", `border colour ${colours.border}; shares ${JSON.stringify(colours.shares)}`);
+  assert.ok((colours.shares.red ?? 0) >= 0.03, `red covers too little of the image: ${JSON.stringify(colours.shares)}`);
   // The preview canvas shows the image.
   const preview = await page.evaluate(() => {
     const c = document.getElementById("preview");
@@ -168,8 +211,9 @@ test("the downloaded PNG carries its parameters and dropping it restores them", 
   const file = await download(page.locator("#gallery > li").first(), "Download PNG");
   const params = file.png.text.parameters;
   assert.ok(params, `no parameters chunk in ${file.name}: ${JSON.stringify(Object.keys(file.png.text))}`);
-  assert.match(params, /^a red lighthouse on a cliff/);
-  assert.match(params, new RegExp(`Steps: ${STEPS}\\b`));
+  assert.match(params, /^a red circle on a blue background/);
+  assert.match(params, new RegExp(`Steps: ${DRAW_STEPS}\\b`));
+  assert.match(params, /CFG scale: 5\b/);
   assert.match(params, /Seed: 1234\b/);
 
   await $.prompt().fill("something else");
@@ -185,8 +229,8 @@ test("the downloaded PNG carries its parameters and dropping it restores them", 
     }
   }, { b64: file.bytes.toString("base64"), name: file.name });
   await page.waitForFunction(() => document.getElementById("seed").value === "1234", null, { timeout: TIMEOUT_MS });
-  assert.equal(await $.prompt().inputValue(), "a red lighthouse on a cliff");
-  assert.equal(await $.steps().inputValue(), String(STEPS));
+  assert.equal(await $.prompt().inputValue(), "a red circle on a blue background");
+  assert.equal(await $.steps().inputValue(), String(DRAW_STEPS));
   assert.match(await page.locator("#gen-status").innerText(), /Restored the parameters/);
   await screenshot(page, "03-parameters-restored");
   assertClean("parameters");
@@ -196,6 +240,10 @@ test("a LoRA card shows the file; strength 1 changes the image, strength 0 gives
   const { page } = session;
   const manifest = JSON.parse(readFileSync(join(fixtures, "lora/manifest.json"), "utf8"));
   const modules = Object.values(manifest.cases.kohya.modules);
+  // The adapter fixtures are made for the tiny test model: open its folder from the picker.
+  await page.getByLabel("Open model folder").setInputFiles(join(fixtures, "models/tiny-sd15-a"));
+  await modelLoaded(page, "the tiny test model's folder");
+  assert.match(await page.locator("#model").innerText(), /tiny-sd15-a/);
   await setForm({ prompt: "a small house", seed: 777 });
   const base = rgb((await generated(() => $.generate().click())).png);
 

@@ -190,6 +190,27 @@ fn bad_configs_name_file_and_field() {
 }
 
 #[test]
+fn model_index_recommended_settings() {
+    use loralab::model::config::{GenerationDefaults, ModelIndex};
+    let index = |extra: &str| {
+        let text = format!(
+            r#"{{"_class_name": "StableDiffusionPipeline", "unet": ["diffusers", "UNet2DConditionModel"],
+            "vae": ["diffusers", "AutoencoderKL"], "text_encoder": ["transformers", "CLIPTextModel"]{extra}}}"#
+        );
+        ModelIndex::from_json(&text, "m/model_index.json")
+    };
+    assert_eq!(index("").unwrap().defaults, GenerationDefaults::default());
+    let d = index(r#", "_loralab_defaults": {"guidance_scale": 5.0, "num_inference_steps": 20, "later": 1}"#).unwrap().defaults;
+    assert_eq!(d, GenerationDefaults { guidance_scale: Some(5.0), num_inference_steps: Some(20) });
+    let m = message(index(r#", "_loralab_defaults": {"guidance_scale": "high"}"#));
+    assert_contains(&m, &["m/model_index.json", "_loralab_defaults.guidance_scale", "\"high\"", "0 to 100"]);
+    let m = message(index(r#", "_loralab_defaults": {"num_inference_steps": 0}"#));
+    assert_contains(&m, &["_loralab_defaults.num_inference_steps", "1 to 1000"]);
+    let m = message(index(r#", "_loralab_defaults": [5]"#));
+    assert_contains(&m, &["_loralab_defaults", "must be an object"]);
+}
+
+#[test]
 fn weights_load_to_the_gpu_by_diffusers_name() {
     let gpu = gpu();
     let (folder, single) = open_both("tiny-sd15-a");

@@ -5,6 +5,7 @@
 //! `cli` runs `loralab eval` through the binary.
 
 mod cli;
+mod demo;
 mod draw;
 mod generator;
 

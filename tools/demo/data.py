@@ -9,7 +9,7 @@ value.
 
 Commands (python tools/demo/data.py COMMAND):
   files     write the committed files: tools/demo/eval_prompts.jsonl (100 prompts on the held-out
-            triples), tools/demo/eval_prompts_ci.jsonl (12 of them), tools/demo/heldout.json,
+            triples), tools/demo/eval_prompts_ci.jsonl (24 of them), tools/demo/heldout.json,
             www/datasets/heart/ and www/datasets/striped/ (20 images each, kohya layout) and
             tests/fixtures/demo/ (ground-truth images and truth.jsonl)
   train     write the base training set (images .npy + ground truth .jsonl) to --out
@@ -388,14 +388,14 @@ def eval_prompts() -> list[dict]:
 
 
 def ci_subset(rows: list[dict]) -> list[dict]:
-    """12 prompts: 3 per shape, single shapes, as many different colours and backgrounds as the
+    """24 prompts: 6 per shape, single shapes, as many different colours and backgrounds as the
     order allows."""
     out, used_c, used_b = [], set(), set()
     for shape in SHAPES:
         cand = [r for r in rows if r["shape"] == shape and r["count"] == 1]
         picked = 0
         for r in sorted(cand, key=lambda r: (r["color"] in used_c) + (r["background"] in used_b)):
-            if picked == 3:
+            if picked == 6:
                 break
             if any(r["color"] == o["color"] and r["background"] == o["background"] for o in out):
                 continue

@@ -22,6 +22,7 @@ import torch
 
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
+import export  # noqa: E402
 import score  # noqa: E402
 import train  # noqa: E402
 
@@ -90,7 +91,7 @@ def main() -> None:
     ap.add_argument("--prompts", type=Path, default=HERE / "eval_prompts.jsonl")
     ap.add_argument("--sampler", choices=list(SAMPLERS), default=None, help="default: the model's own scheduler")
     ap.add_argument("--steps", type=int, default=20)
-    ap.add_argument("--cfg", type=float, default=7.5)
+    ap.add_argument("--cfg", type=float, default=None, help="default: the model's recommended guidance, else 7.5")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--sheet", type=Path, default=Path("/tmp/demo-eval.png"))
@@ -105,6 +106,9 @@ def main() -> None:
         pipe = pipeline_from_checkpoint(a.work, a.checkpoint, not a.no_ema)
     if a.sampler:
         pipe.scheduler = scheduler(a.sampler)
+    if a.cfg is None:
+        index = json.loads((a.model / "model_index.json").read_text()) if a.model else {}
+        a.cfg = index.get("_loralab_defaults", {}).get("guidance_scale", export.RECOMMENDED["guidance_scale"] if not a.model else 7.5)
     pipe.set_progress_bar_config(disable=True)
     rows = [json.loads(l) for l in open(a.prompts) if l.strip()]
     t0 = time.time()

@@ -51,6 +51,12 @@ SCHEDULER_CONFIG = {
     "trained_betas": None,
 }
 
+# The settings the model recommends, in model_index.json under a private key (diffusers skips
+# keys that start with "_"); loralab reads them as its defaults for this model. Guidance above
+# about 7 overshoots on this small model (colours wash out, shapes smear); 4-6 keeps every
+# score over the bar (tools/demo/README.md).
+RECOMMENDED = {"guidance_scale": 5.0, "num_inference_steps": 20}
+
 
 def rewrite_text_encoder_keys(path: Path) -> None:
     from safetensors import safe_open
@@ -85,6 +91,9 @@ def export(work: Path, cfg: dict, out: Path = OUT, use_ema: bool = True) -> dict
     (out / "tokenizer" / "tokenizer.json").unlink(missing_ok=True)  # SD1.x repositories ship vocab + merges
     for name in ("vocab.json", "merges.txt", "tokenizer_config.json", "special_tokens_map.json"):
         shutil.copyfile(train.TOKENIZER_DIR / name, out / "tokenizer" / name)
+    index = json.loads((out / "model_index.json").read_text())
+    index["_loralab_defaults"] = RECOMMENDED
+    (out / "model_index.json").write_text(json.dumps(index, indent=2, sort_keys=True) + "\n")
     (out / "scheduler" / "scheduler_config.json").write_text(json.dumps(SCHEDULER_CONFIG, indent=2, sort_keys=True) + "\n")
 
     files = sorted(p.relative_to(out).as_posix() for p in out.rglob("*") if p.is_file() and p.name not in keep)

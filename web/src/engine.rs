@@ -122,7 +122,10 @@ struct ModelInfo {
     weights: String,
     default_width: usize,
     default_height: usize,
+    /// The model's recommended sampler (its scheduler class), guidance scale and steps.
     sampler: String,
+    guidance_scale: f32,
+    steps: usize,
     bytes: u64,
     adapter_warnings: Vec<String>,
 }
@@ -166,7 +169,8 @@ pub async fn load_model(files: js_sys::Object, name: String, source: String, wei
             ck
         };
         let config = ck.config.clone();
-        let sampler = SamplerKind::EulerAncestral;
+        let sampler = loralab::eval::recommended_sampler(&config.scheduler).unwrap_or(SamplerKind::EulerAncestral);
+        let defaults = ck.model_index.as_ref().map(|m| m.defaults.clone()).unwrap_or_default();
         let before = g.memory().live_bytes;
         let pipe = StableDiffusionPipeline::load(&g, ck, WeightPlan::new(dt)).map_err(err)?;
         s.model_bytes = g.memory().live_bytes.saturating_sub(before);
@@ -183,6 +187,8 @@ pub async fn load_model(files: js_sys::Object, name: String, source: String, wei
             default_width: w,
             default_height: h,
             sampler: sampler.name().to_string(),
+            guidance_scale: defaults.guidance_scale.unwrap_or(7.5),
+            steps: defaults.num_inference_steps.unwrap_or(20),
             bytes: g.memory().live_bytes,
             adapter_warnings,
         };

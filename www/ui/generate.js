@@ -289,5 +289,8 @@ export function initGenerate(app) {
     if (m.default_width) $("width").value = String(m.default_width);
     if (m.default_height) $("height").value = String(m.default_height);
     if (m.sampler && [...$("sampler").options].some((o) => o.value === m.sampler)) $("sampler").value = m.sampler;
+    // The model's recommended guidance and steps (the demo model: CFG 5, 20 steps).
+    if (m.guidance_scale != null) $("cfg").value = String(m.guidance_scale);
+    if (m.steps) $("steps").value = String(m.steps);
   };
 }

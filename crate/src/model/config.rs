@@ -103,6 +103,45 @@ pub struct ModelIndex {
     pub class_name: String,
     /// Component folder → (library, class); `(None, None)` for absent optional components.
     pub components: BTreeMap<String, (Option<String>, Option<String>)>,
+    /// The generation settings the model recommends (`_loralab_defaults`).
+    pub defaults: GenerationDefaults,
+}
+
+/// Generation settings a model folder recommends, from `model_index.json`'s
+/// `_loralab_defaults` object (`{"guidance_scale": 5.0, "num_inference_steps": 20}`; diffusers
+/// ignores keys that start with `_`). Absent fields leave the caller's own defaults.
+#[derive(Clone, Debug, Default, PartialEq)]
+pub struct GenerationDefaults {
+    pub guidance_scale: Option<f32>,
+    pub num_inference_steps: Option<usize>,
+}
+
+impl GenerationDefaults {
+    const KEY: &'static str = "_loralab_defaults";
+
+    fn from_value(value: Option<&serde_json::Value>, file: &str) -> Result<Self> {
+        let Some(value) = value else { return Ok(Self::default()) };
+        let field = |name: &str| format!("{}.{name}", Self::KEY);
+        let obj = value.as_object().ok_or_else(|| err(file, Self::KEY, "must be an object"))?;
+        let mut d = Self::default();
+        for (key, v) in obj {
+            match key.as_str() {
+                "guidance_scale" => {
+                    let g = v.as_f64().filter(|g| g.is_finite() && *g >= 0.0 && *g <= 100.0);
+                    let g = g.ok_or_else(|| err(file, &field(key), format!("`{v}`: expected a number from 0 to 100")))?;
+                    d.guidance_scale = Some(g as f32);
+                }
+                "num_inference_steps" => {
+                    let n = v.as_u64().filter(|n| (1..=1000).contains(n));
+                    let n = n.ok_or_else(|| err(file, &field(key), format!("`{v}`: expected a whole number from 1 to 1000")))?;
+                    d.num_inference_steps = Some(n as usize);
+                }
+                // Settings of later versions are skipped, not refused.
+                _ => {}
+            }
+        }
+        Ok(d)
+    }
 }
 
 impl ModelIndex {
@@ -124,7 +163,8 @@ impl ModelIndex {
                 components.insert(key.clone(), (s(lib), s(class)));
             }
         }
-        let index = ModelIndex { class_name, components };
+        let defaults = GenerationDefaults::from_value(map.get(GenerationDefaults::KEY), file)?;
+        let index = ModelIndex { class_name, components, defaults };
         index.validate(file)?;
         Ok(index)
     }

@@ -21,7 +21,8 @@ pub const USAGE: &str = "  loralab eval --model PATH --prompts FILE [options]
       --steps N                         denoising steps (default 20)
       --sampler NAME                    default: the model's scheduler class where the engine has
                                         it, else euler_a
-      --cfg F                           guidance scale (default 7.5)
+      --cfg F                           guidance scale (default: the model's recommended one,
+                                        model_index.json `_loralab_defaults`, else 7.5)
       --seed N                          seed of the first prompt; prompt i uses N + i (default 0)
       --limit N                         only the first N prompts
       --save-dir DIR                    write the images as PNG, the guesses in the file names
@@ -40,7 +41,7 @@ struct Args {
     weights: Vec<DType>,
     steps: usize,
     sampler: Option<SamplerKind>,
-    cfg: f32,
+    cfg: Option<f32>,
     seed: u64,
     limit: Option<usize>,
     save_dir: Option<PathBuf>,
@@ -56,7 +57,7 @@ fn parse_args(args: &[String]) -> Result<Args, String> {
         weights: vec![DType::F32, DType::Q8_0, DType::Q4_0],
         steps: 20,
         sampler: None,
-        cfg: 7.5,
+        cfg: None,
         seed: 0,
         limit: None,
         save_dir: None,
@@ -115,7 +116,7 @@ fn parse_args(args: &[String]) -> Result<Args, String> {
                 })?)
             }
             "--cfg" => {
-                a.cfg = v.trim().parse::<f32>().ok().filter(|c| c.is_finite() && *c >= 0.0).ok_or_else(|| usage_err(format!("`--cfg {v}`: expected a number >= 0")))?
+                a.cfg = Some(v.trim().parse::<f32>().ok().filter(|c| c.is_finite() && *c >= 0.0).ok_or_else(|| usage_err(format!("`--cfg {v}`: expected a number >= 0")))?)
             }
             "--seed" => a.seed = v.trim().parse().map_err(|_| usage_err(format!("`--seed {v}`: expected a whole number 0..2^64")))?,
             "--save-dir" => a.save_dir = Some(PathBuf::from(v)),
@@ -172,6 +173,8 @@ struct Report {
     /// Where the sampler came from: `option`, `scheduler config` or `default`.
     sampler_from: &'static str,
     cfg: f32,
+    /// Where the guidance scale came from: `option`, `model` or `default`.
+    cfg_from: &'static str,
     seed: u64,
     width: usize,
     height: usize,
@@ -195,8 +198,8 @@ fn format_report(r: &Report) -> String {
     let last = r.seed + r.images_per_weight_type as u64 - 1;
     let _ = writeln!(
         o,
-        "{}: {} prompts from {}, {}x{}, {} {} steps ({}), cfg {}, seeds {}..={last}",
-        r.model, r.images_per_weight_type, r.prompts, r.width, r.height, r.steps, r.sampler, r.sampler_from, r.cfg, r.seed
+        "{}: {} prompts from {}, {}x{}, {} {} steps ({}), cfg {} ({}), seeds {}..={last}",
+        r.model, r.images_per_weight_type, r.prompts, r.width, r.height, r.steps, r.sampler, r.sampler_from, r.cfg, r.cfg_from, r.seed
     );
     let _ = writeln!(
         o,
@@ -275,6 +278,12 @@ pub fn run(args: &[String]) -> Result<ExitCode, String> {
         let t0 = Instant::now();
         let ck = open_path(&a.model, None).map_err(|e| e.to_string())?;
         let recommended = recommended_sampler(&ck.config.scheduler);
+        let model_cfg = ck.model_index.as_ref().and_then(|m| m.defaults.guidance_scale);
+        let (cfg, cfg_from) = match (a.cfg, model_cfg) {
+            (Some(c), _) => (c, "option"),
+            (None, Some(c)) => (c, "model"),
+            (None, None) => (7.5, "default"),
+        };
         let pipe = StableDiffusionPipeline::load(&gpu, ck, WeightPlan::new(weights)).map_err(|e| e.to_string())?;
         let load_seconds = t0.elapsed().as_secs_f64();
         let (sampler, sampler_from) = match (a.sampler, recommended) {
@@ -291,7 +300,8 @@ pub fn run(args: &[String]) -> Result<ExitCode, String> {
             steps: a.steps,
             sampler: sampler.name(),
             sampler_from,
-            cfg: a.cfg,
+            cfg,
+            cfg_from,
             seed: a.seed,
             width,
             height,
@@ -304,7 +314,7 @@ pub fn run(args: &[String]) -> Result<ExitCode, String> {
         for (index, rec) in records.iter().enumerate() {
             let seed = a.seed.wrapping_add(index as u64);
             let prompt = rec.prompt.clone().unwrap_or_default();
-            let opts = GenerateOptions { prompt: prompt.clone(), seed, steps: a.steps, cfg: a.cfg, sampler, ..Default::default() };
+            let opts = GenerateOptions { prompt: prompt.clone(), seed, steps: a.steps, cfg, sampler, ..Default::default() };
             let t = Instant::now();
             let out = pollster::block_on(pipe.generate(&gpu, &opts, &mut |_| {}))
                 .map_err(|e| format!("{prompts_name}: line {}: {e}", rec.line))?;

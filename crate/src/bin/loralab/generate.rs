@@ -19,9 +19,13 @@ pub const USAGE: &str = "  loralab generate --model PATH --prompt TEXT --out IMA
                                         .safetensors checkpoint
       --negative TEXT                   negative prompt (default: none, i.e. \"\")
       --seed N                          noise seed (default: random, printed)
-      --steps N                         denoising steps (default 20)
-      --cfg F                           guidance scale (default 7.5; <= 1 turns guidance off)
-      --sampler NAME                    ddim|euler|euler_a|dpmpp_2m|dpmpp_2m_karras|lcm (default euler_a)
+      --steps N                         denoising steps (default: the model's recommended
+                                        number, model_index.json `_loralab_defaults`, else 20)
+      --cfg F                           guidance scale (default: the model's recommended one,
+                                        else 7.5; <= 1 turns guidance off)
+      --sampler NAME                    ddim|euler|euler_a|dpmpp_2m|dpmpp_2m_karras|lcm (default:
+                                        the model's scheduler class where the engine has it,
+                                        else euler_a)
       --width W --height H              image size in pixels (default: the model's, 512 for SD1.5)
       --weights TYPE                    f32|f16|q8_0|q4_0 storage of the layer matrices (default f32)
       --clip-skip N                     A1111 clip skip: 1 = last layer (default), 2 = penultimate
@@ -58,6 +62,9 @@ struct Args {
     /// The adapters' (name, strengths) after the prompt's tags, for the PNG text.
     adapters_used: Vec<(String, (f32, f32))>,
     opts: GenerateOptions,
+    /// Which of `--steps`, `--cfg`, `--sampler` were given (the model's recommendations fill
+    /// the others).
+    given: Vec<&'static str>,
 }
 
 /// `FILE`, `FILE:W` or `FILE:TE_W:UNET_W` (numbers taken from the right, so paths with `:`
@@ -104,6 +111,7 @@ fn parse_args(args: &[String]) -> Result<Args, String> {
         embeddings: vec![],
         adapters_used: vec![],
         opts: GenerateOptions { sampler: SamplerKind::EulerAncestral, ..Default::default() },
+        given: vec![],
     };
     let mut seed = None;
     let mut it = args.iter();
@@ -148,18 +156,21 @@ fn parse_args(args: &[String]) -> Result<Args, String> {
             "--negative" => a.opts.negative = v,
             "--seed" => seed = Some(parse_num::<u64>(name, &v, "a whole number 0..2^64")?),
             "--steps" => {
+                a.given.push("steps");
                 a.opts.steps = parse_num(name, &v, "a positive whole number")?;
                 if a.opts.steps == 0 {
                     return Err(usage_err(format!("`--steps {v}`: expected a positive whole number")));
                 }
             }
             "--cfg" => {
+                a.given.push("cfg");
                 a.opts.cfg = parse_num(name, &v, "a number")?;
                 if !a.opts.cfg.is_finite() || a.opts.cfg < 0.0 {
                     return Err(usage_err(format!("`--cfg {v}`: expected a number >= 0")));
                 }
             }
             "--sampler" => {
+                a.given.push("sampler");
                 a.opts.sampler = SamplerKind::parse(&v).map_err(|_| {
                     usage_err(format!(
                         "`--sampler {v}`: unknown sampler (one of ddim, euler, euler_a, dpmpp_2m, dpmpp_2m_karras, lcm)"
@@ -333,6 +344,16 @@ pub fn run(args: &[String]) -> Result<ExitCode, String> {
 
     let t0 = Instant::now();
     let ck = open_path(&a.model, a.config.as_deref()).map_err(|e| e.to_string())?;
+    let defaults = ck.model_index.as_ref().map(|m| m.defaults.clone()).unwrap_or_default();
+    if !a.given.contains(&"steps") {
+        a.opts.steps = defaults.num_inference_steps.unwrap_or(a.opts.steps);
+    }
+    if !a.given.contains(&"cfg") {
+        a.opts.cfg = defaults.guidance_scale.unwrap_or(a.opts.cfg);
+    }
+    if !a.given.contains(&"sampler") {
+        a.opts.sampler = loralab::eval::recommended_sampler(&ck.config.scheduler).unwrap_or(a.opts.sampler);
+    }
     let gpu_opts = GpuOptions { disable_f16: a.plain, disable_subgroups: a.plain, ..Default::default() };
     let gpu = pollster::block_on(Gpu::new(gpu_opts)).map_err(|e| e.to_string())?;
     let single_default = !a.model.is_dir() && a.config.is_none();
