@@ -12,6 +12,7 @@ mod common;
 mod conv;
 mod elementwise;
 mod eval;
+mod gradcheck;
 mod layout;
 mod lora_apply;
 mod lora_fixtures;

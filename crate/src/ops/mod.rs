@@ -5,6 +5,7 @@ pub mod adapter;
 pub mod attention;
 pub mod conv;
 pub mod elementwise;
+pub mod grad;
 pub mod gemm;
 pub mod layout;
 pub mod matmul;
