@@ -11,9 +11,10 @@
 // Valued defines: BM, BN (multiples of 8, (BM/8)·(BN/8) <= 256), KT (multiple of 4), and the
 // kernel size KH, KW (constants, so decoding k = (ci, ky, kx) divides by constants).
 // Flags: one weight type (W_F32 | W_F16 | W_Q8_0+W_QUANT | W_Q4_0+W_QUANT); BIAS; ADAPTER
-// (unmerged adapters on W, common/adapter.wgsl: scales and extra terms while staging W, then R
-// more reduction steps with A = up · col_scale and B = lr_t, the low-rank activations
-// [B, R, Ho, Wo] of the stacked down convolutions, plus a bias delta).
+// (unmerged adapters on W, common/adapter.wgsl: R more reduction steps with A = up · col_scale
+// and B = lr_t, the low-rank activations [B, R, Ho, Wo] of the stacked down convolutions, plus
+// a bias delta); ADAPTER_W (with ADAPTER: scales and extra terms while staging W, for IA³,
+// DoRA, LoHa, LoKr and full adapters).
 
 struct Params {
     cin: u32,      // input channels
@@ -170,7 +171,7 @@ fn conv2d(@builtin(workgroup_id) wg: vec3<u32>, @builtin(num_workgroups) nwg: ve
             var v = vec4<f32>(0.0);
             if (m0 + mm < p.cout) {
                 v = w_at4(m0 + mm, k0 + kk, p.k);
-#ifdef ADAPTER
+#ifdef ADAPTER_W
                 v = adapt_w4_row(m0 + mm, k0 + kk, p.k, v);
 #endif
             }

@@ -10,9 +10,11 @@
 // 8×8 block of C in registers (the GEMM core in common/gemm.wgsl, shared with conv2d.wgsl).
 // Weights are dequantized while staging, four values per load. A_VEC4 (K a multiple of 4)
 // reads A four values at a time.
-// ADAPTER applies unmerged adapters to B (a weight, N columns of C) inside the kernel:
-// scales and extra terms while staging, then R more reduction steps over the low-rank
-// activations lr_t (batch, M, R) and up [N, R] (common/adapter.wgsl), plus a bias delta.
+// ADAPTER applies unmerged adapters to B (a weight, N columns of C) inside the kernel: R more
+// reduction steps over the low-rank activations lr_t (batch, M, R) and up [N, R]
+// (common/adapter.wgsl), plus a bias delta; ADAPTER_W (with ADAPTER) also rescales the weight
+// and adds the weight terms while staging (IA³, DoRA, LoHa, LoKr, full), which plain LoRA
+// layers do not need.
 // Valued defines: BM, BN (multiples of 8, (BM/8)·(BN/8) <= 256), KT (multiple of 4).
 
 struct Params {
@@ -162,7 +164,7 @@ fn matmul(@builtin(workgroup_id) wg: vec3<u32>, @builtin(num_workgroups) nwg: ve
             var v = vec4<f32>(0.0);
             if (n0 + nn < p.n) {
                 v = w_at4(w_row0 + n0 + nn, k0 + kk, p.k);
-#ifdef ADAPTER
+#ifdef ADAPTER_W
                 v = adapt_w4_row(n0 + nn, k0 + kk, p.k, v);
 #endif
             }
@@ -176,7 +178,7 @@ fn matmul(@builtin(workgroup_id) wg: vec3<u32>, @builtin(num_workgroups) nwg: ve
             var v = vec4<f32>(0.0);
             if (k0 + kk < p.k) {
                 v = w_at4(w_row0 + k0 + kk, n0 + nn, p.n);
-#ifdef ADAPTER
+#ifdef ADAPTER_W
                 v = adapt_w4_col(n0 + nn, k0 + kk, p.k, p.n, v);
 #endif
             }

@@ -60,7 +60,7 @@ fn quick_lora_bench_reports_every_count_and_part() {
     assert_eq!(a.params, targets.iter().map(|l| (RANK * (l.n + l.k)) as u64).sum::<u64>());
     assert_eq!(r.goal_met, None, "the goal is judged on full-size runs only");
     assert_eq!(r.warmup_latents, [2, 4, 8, 8], "a quarter of the 16x16 side, at least 8");
-    assert_eq!(r.cpu_clock, None);
+    assert_eq!((r.cpu_clock.as_deref(), r.goal_clock.as_str()), (None, "wall clock"));
 
     assert_eq!(r.cases.len(), 2);
     for (c, dt) in r.cases.iter().zip(["f16", "q4_0"]) {
@@ -174,6 +174,9 @@ fn quick_lora_bench_records_cpu_time() {
     let clock = move || t0.elapsed().as_secs_f64() * 1e3;
     let r = block(run_lora(&gpu, &opts, &clock)).unwrap();
     assert!(r.cpu_clock.is_some() && r.file.is_none());
+    // On a software adapter the goal is judged in CPU time.
+    let cpu = gpu.adapter().device_type == "Cpu";
+    assert_eq!(r.goal_clock, if cpu { "process CPU time" } else { "wall clock" });
     let c = &r.cases[0];
     assert!(c.profile.is_none());
     for x in &c.steps {

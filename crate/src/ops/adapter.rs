@@ -69,6 +69,14 @@ impl Operands<'_> {
         }
     }
 
+    /// Whether the kernel must change the weight while staging it (`ADAPTER_W`): a scale of
+    /// the base (IA³, DoRA) or weight terms (LoHa, LoKr, full, DoRA). Plain LoRA / LoCon layers
+    /// only add their low-rank part and bias, and skip that work.
+    pub fn adapts_weight(&self) -> bool {
+        let p = &self.params;
+        p.terms > 0 || p.base_row != NONE || p.base_col != NONE
+    }
+
     /// For a GEMM with `rows` rows of output.
     pub fn check(&self, op: &'static str, rows: usize, _n: usize) -> Result<()> {
         self.check_lowrank(op, &[rows, self.params.rank as usize])

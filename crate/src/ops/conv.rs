@@ -17,7 +17,7 @@ const SHADER: &str = "conv2d.wgsl";
 pub static SHADERS: &[ShaderSource] = &[ShaderSource {
     name: SHADER,
     source: crate::wgsl!("conv2d.wgsl"),
-    flag_axes: &[WEIGHT_AXIS, &["", "BIAS"], &["", "ADAPTER"]],
+    flag_axes: &[WEIGHT_AXIS, &["", "BIAS"], &["", "ADAPTER", "ADAPTER+ADAPTER_W"]],
     values: &[("BM", "64u"), ("BN", "64u"), ("KT", "32u"), ("KH", "3u"), ("KW", "3u")],
     entries: &["conv2d"],
     top_level: true,
@@ -164,7 +164,8 @@ fn conv2d_inner(
         .value("KW", format!("{kw}u"));
     let defines = shader::weight_defines(defines, w.dtype())
         .flag_if("BIAS", bias.is_some())
-        .flag_if("ADAPTER", adapter.is_some());
+        .flag_if("ADAPTER", adapter.is_some())
+        .flag_if("ADAPTER_W", adapter.is_some_and(|a| a.adapts_weight()));
     let mut params = Params::new()
         .u(cin)
         .u(h)

@@ -72,6 +72,24 @@ impl Tiles {
         Self::with_deepest_slice(bm, bn, caps)
     }
 
+    /// For a GEMM with `n` output columns (a matmul's N): a narrow column tile when there are
+    /// few columns (an adapter's stacked down projection, N = its rank), so no invocation
+    /// computes padding; otherwise [`Tiles::for_caps`].
+    pub fn for_columns(caps: &Caps, n: usize) -> Tiles {
+        let (bm, bn) = if caps.max_invocations_per_workgroup < 64 {
+            (32, 32)
+        } else if n <= 8 {
+            (256, 8)
+        } else if n <= 16 {
+            (128, 16)
+        } else if n <= 32 {
+            (128, 32)
+        } else {
+            (64, 64)
+        };
+        Self::with_deepest_slice(bm, bn, caps)
+    }
+
     /// The valued defines (`BM`, `BN`, `KT`) of the shader variant.
     pub fn defines(&self) -> Defines {
         Defines::new()

@@ -19,7 +19,7 @@ const SHADER: &str = "matmul.wgsl";
 pub static SHADERS: &[ShaderSource] = &[ShaderSource {
     name: SHADER,
     source: crate::wgsl!("matmul.wgsl"),
-    flag_axes: &[WEIGHT_AXIS, &["", "TRANS_B"], &["", "BIAS"], &["", "A_VEC4"], &["", "ADAPTER"]],
+    flag_axes: &[WEIGHT_AXIS, &["", "TRANS_B"], &["", "BIAS"], &["", "A_VEC4"], &["", "ADAPTER", "ADAPTER+ADAPTER_W"]],
     values: &[("BM", "64u"), ("BN", "64u"), ("KT", "32u")],
     entries: &["matmul"],
     top_level: true,
@@ -44,9 +44,15 @@ impl Default for MatmulOpts<'_> {
     }
 }
 
-/// `C = alpha·A·op(B) + bias`, with tiles chosen from the device's limits.
+/// `C = alpha·A·op(B) + bias`, with tiles chosen from the device's limits and N.
 pub fn matmul(gpu: &Gpu, a: &Tensor, b: &Tensor, opts: MatmulOpts<'_>) -> Result<Tensor> {
-    matmul_tiled(gpu, a, b, opts, Tiles::for_caps(gpu.caps()))
+    // N (a malformed B is reported by the shape checks).
+    let n = match b.rank() {
+        r if r >= 2 && opts.trans_b => b.dim(-2),
+        r if r >= 2 => b.dim(-1),
+        _ => usize::MAX,
+    };
+    matmul_tiled(gpu, a, b, opts, Tiles::for_columns(gpu.caps(), n))
 }
 
 /// [`matmul`] with explicit tiles (tests use it to exercise the small-device variants).
@@ -83,7 +89,7 @@ pub fn linear_adapted(
         &x2,
         w,
         MatmulOpts { trans_b: true, bias, alpha: 1.0 },
-        Tiles::for_caps(gpu.caps()),
+        Tiles::for_columns(gpu.caps(), n),
         Some(&ad2),
     )?;
     let mut shape = lead;
@@ -169,7 +175,8 @@ fn matmul_inner(
             .flag_if("TRANS_B", opts.trans_b)
             .flag_if("BIAS", opts.bias.is_some())
             .flag_if("A_VEC4", k % 4 == 0)
-            .flag_if("ADAPTER", adapter.is_some()),
+            .flag_if("ADAPTER", adapter.is_some())
+            .flag_if("ADAPTER_W", adapter.is_some_and(|a| a.adapts_weight())),
         b.dtype(),
     );
     let tiles_n = n.div_ceil(tiles.bn);
