@@ -135,6 +135,7 @@ fn tile_choices_the_runtime_makes_validate_with_naga() {
         gemm.push(Tiles::for_caps(&caps).defines());
         for rows in [1, 8, 16, 32, 320] {
             gemm.push(Tiles::choose(&caps, rows).defines());
+            gemm.push(Tiles::for_columns(&caps, rows).defines());
         }
         for d in [1, 7, 40, 64, 80, 128, 160, 256] {
             if let Some(t) = attention::tiles_for(d, caps.max_workgroup_storage, caps.max_invocations_per_workgroup) {
