@@ -89,6 +89,8 @@ static FAMILIES: &[&[ShaderSource]] = &[
     crate::ops::norm::SHADERS,
     crate::ops::layout::SHADERS,
     crate::ops::attention::SHADERS,
+    crate::ops::grad::norm::SHADERS,
+    crate::ops::grad::activation::SHADERS,
 ];
 
 /// Every registered WGSL source.

@@ -13,6 +13,8 @@ mod conv;
 mod elementwise;
 mod eval;
 mod gradcheck;
+mod grad_activation;
+mod grad_norm;
 mod layout;
 mod lora_apply;
 mod lora_fixtures;
