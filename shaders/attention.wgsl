@@ -14,7 +14,9 @@
 //
 // Valued defines: HEAD_DIM (D), BQ (queries per workgroup = invocations), BK (keys per tile,
 // a multiple of 4). Workgroup memory: 2·BK·D4 vec4 (32·BK·D4 bytes); the host picks BK to fit
-// the device's limit.
+// the device's limit. Flag SAVE_LSE: also write each row's log-sum-exp of its scaled scores,
+// L = ln Σ_j exp(scale · q·k_j), which the backward (shaders/grad_attention.wgsl) uses to
+// recompute the probabilities as exp(scale · q·k_j − L).
 
 struct Params {
     batch: u32,
@@ -31,6 +33,9 @@ struct Params {
 @group(0) @binding(2) var<storage, read> k: array<f32>;        // (B, Nk, H·D)
 @group(0) @binding(3) var<storage, read> v: array<f32>;        // (B, Nk, H·D)
 @group(0) @binding(4) var<storage, read_write> o: array<f32>;  // (B, Nq, H·D)
+#ifdef SAVE_LSE
+@group(0) @binding(5) var<storage, read_write> lse: array<f32>;  // (B·H, Nq) natural log-sum-exp
+#endif
 
 const D4: u32 = (HEAD_DIM + 3u) / 4u;
 // Score of a masked key (WGSL has no infinity literal).
@@ -141,5 +146,9 @@ fn attention(@builtin(workgroup_id) wg: vec3<u32>, @builtin(num_workgroups) nwg:
                 }
             }
         }
+#ifdef SAVE_LSE
+        // m and l are in base 2: log2 Σ exp2(s) = m + log2(l).
+        lse[bh * p.nq + i] = (m + log2(l)) * 0.6931471805599453;
+#endif
     }
 }

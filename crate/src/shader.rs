@@ -89,6 +89,7 @@ static FAMILIES: &[&[ShaderSource]] = &[
     crate::ops::norm::SHADERS,
     crate::ops::layout::SHADERS,
     crate::ops::attention::SHADERS,
+    crate::ops::grad::attention::SHADERS,
     crate::ops::grad::norm::SHADERS,
     crate::ops::grad::activation::SHADERS,
 ];

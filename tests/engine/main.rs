@@ -13,6 +13,7 @@ mod conv;
 mod elementwise;
 mod eval;
 mod gradcheck;
+mod grad_attention;
 mod grad_activation;
 mod grad_norm;
 mod layout;

@@ -5,6 +5,8 @@
 //! splitting; the output is `[B, Nq, H·D]` in the same layout. Each invocation owns one query
 //! row (and its output accumulator) in registers; key and value tiles are staged in workgroup
 //! memory and visited under an online softmax, so the Nq × Nk score matrix never exists.
+//! [`attention_with_lse`] also returns each row's log-sum-exp, which the backward
+//! (`ops::grad::attention`) needs.
 
 use super::Params;
 use crate::error::{shape_err, Result};
@@ -17,7 +19,7 @@ const SHADER: &str = "attention.wgsl";
 pub static SHADERS: &[ShaderSource] = &[ShaderSource {
     name: SHADER,
     source: crate::wgsl!("attention.wgsl"),
-    flag_axes: &[],
+    flag_axes: &[&["", "SAVE_LSE"]],
     values: &[("HEAD_DIM", "40u"), ("BQ", "64u"), ("BK", "48u")],
     entries: &["attention"],
     top_level: true,
@@ -90,7 +92,7 @@ pub fn tiles_for(d: usize, workgroup_bytes: u32, max_invocations: u32) -> Option
 }
 
 /// Checks shapes and returns (B, Nq, Nk, D).
-fn check(q: &Tensor, k: &Tensor, v: &Tensor, opts: &AttentionOpts) -> Result<(usize, usize, usize, usize)> {
+pub(crate) fn check(q: &Tensor, k: &Tensor, v: &Tensor, opts: &AttentionOpts) -> Result<(usize, usize, usize, usize)> {
     const OP: &str = "attention";
     for t in [q, k, v] {
         t.expect_f32(OP)?;
@@ -121,18 +123,18 @@ fn check(q: &Tensor, k: &Tensor, v: &Tensor, opts: &AttentionOpts) -> Result<(us
 /// `k, v: [B, Nk, H·D]`; returns `[B, Nq, H·D]`.
 pub fn attention(gpu: &Gpu, q: &Tensor, k: &Tensor, v: &Tensor, opts: AttentionOpts) -> Result<Tensor> {
     let (_, _, _, d) = check(q, k, v, &opts)?;
+    attention_tiled(gpu, q, k, v, opts, device_tiles(gpu, d)?)
+}
+
+/// The device's tiles for head dimension `d`.
+fn device_tiles(gpu: &Gpu, d: usize) -> Result<Tiles> {
     let caps = gpu.caps();
-    let tiles = tiles_for(d, caps.max_workgroup_storage, caps.max_invocations_per_workgroup)
-        .ok_or_else(|| {
-            shape_err(
-                "attention",
-                format!(
-                    "head dimension {d} does not fit {} bytes of workgroup memory",
-                    caps.max_workgroup_storage
-                ),
-            )
-        })?;
-    attention_tiled(gpu, q, k, v, opts, tiles)
+    tiles_for(d, caps.max_workgroup_storage, caps.max_invocations_per_workgroup).ok_or_else(|| {
+        shape_err(
+            "attention",
+            format!("head dimension {d} does not fit {} bytes of workgroup memory", caps.max_workgroup_storage),
+        )
+    })
 }
 
 /// [`attention`] with explicit tile sizes (which must fit the device).
@@ -143,6 +145,48 @@ pub fn attention_tiled(
     v: &Tensor,
     opts: AttentionOpts,
     tiles: Tiles,
+) -> Result<Tensor> {
+    run(gpu, q, k, v, opts, tiles, None)
+}
+
+/// [`attention`] that also returns `L: [B·H, Nq]`, each row's log-sum-exp of its scaled scores
+/// `L[b·H + h, i] = ln Σ_j exp(scale · q_i·k_j)` (over the visible keys), so that the
+/// probabilities are `exp(scale · q_i·k_j − L)`. The output equals [`attention`]'s bit for bit.
+pub fn attention_with_lse(
+    gpu: &Gpu,
+    q: &Tensor,
+    k: &Tensor,
+    v: &Tensor,
+    opts: AttentionOpts,
+) -> Result<(Tensor, Tensor)> {
+    let (_, _, _, d) = check(q, k, v, &opts)?;
+    attention_with_lse_tiled(gpu, q, k, v, opts, device_tiles(gpu, d)?)
+}
+
+/// [`attention_with_lse`] with explicit tile sizes (which must fit the device).
+pub fn attention_with_lse_tiled(
+    gpu: &Gpu,
+    q: &Tensor,
+    k: &Tensor,
+    v: &Tensor,
+    opts: AttentionOpts,
+    tiles: Tiles,
+) -> Result<(Tensor, Tensor)> {
+    let (b, nq, _, _) = check(q, k, v, &opts)?;
+    let lse = Tensor::empty(gpu, &[b * opts.heads, nq])?;
+    let out = run(gpu, q, k, v, opts, tiles, Some(&lse))?;
+    Ok((out, lse))
+}
+
+/// Dispatches the kernel; with `lse` (`[B·H, Nq]`) the SAVE_LSE variant, which also writes it.
+fn run(
+    gpu: &Gpu,
+    q: &Tensor,
+    k: &Tensor,
+    v: &Tensor,
+    opts: AttentionOpts,
+    tiles: Tiles,
+    lse: Option<&Tensor>,
 ) -> Result<Tensor> {
     let (b, nq, nk, d) = check(q, k, v, &opts)?;
     let caps = gpu.caps();
@@ -166,7 +210,7 @@ pub fn attention_tiled(
     let out = Tensor::empty(gpu, q.shape())?;
     let scale = opts.scale.unwrap_or(1.0 / (d as f32).sqrt());
     let q_tiles = nq.div_ceil(tiles.bq);
-    let defines = tiles.defines(d);
+    let defines = tiles.defines(d).flag_if("SAVE_LSE", lse.is_some());
     let params = Params::new()
         .u(b)
         .u(nq)
@@ -175,12 +219,16 @@ pub fn attention_tiled(
         .u(q_tiles)
         .u(opts.causal as usize)
         .f(scale * std::f32::consts::LOG2_E);
+    let mut binds = vec![(1, q.buffer()), (2, k.buffer()), (3, v.buffer()), (4, out.buffer())];
+    if let Some(l) = lse {
+        binds.push((5, l.buffer()));
+    }
     gpu.dispatch(
         SHADER,
         "attention",
         &defines,
         &params.0,
-        &[(1, q.buffer()), (2, k.buffer()), (3, v.buffer()), (4, out.buffer())],
+        &binds,
         gpu.grid(u32::try_from(b * opts.heads * q_tiles).unwrap_or(u32::MAX)),
     )?;
     Ok(out)

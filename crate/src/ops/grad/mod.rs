@@ -4,5 +4,6 @@
 //! `shaders/` (`grad_*.wgsl`, `optim.wgsl`), one module here with the GPU constructor and its
 //! CPU reference (`reference`, f64, checked against finite differences), and tests in
 //! `tests/engine/grad_*.rs`.
+pub mod attention;
 pub mod activation;
 pub mod norm;
