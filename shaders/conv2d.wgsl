@@ -201,7 +201,7 @@ fn conv2d(@builtin(workgroup_id) wg: vec3<u32>, @builtin(num_workgroups) nwg: ve
             stage_b_n4(i / TN, i % TN, lowrank_pixels4(n0 + 4u * (i % TN), j0 + i / TN));
         }
         workgroupBarrier();
-        gemm_slice(&acc, tx, ty);
+        gemm_slice_n(&acc, tx, ty, min(KT, p.ad.rank - j0));
         workgroupBarrier();
     }
 #endif

@@ -203,7 +203,7 @@ fn matmul(@builtin(workgroup_id) wg: vec3<u32>, @builtin(num_workgroups) nwg: ve
             stage_b_k4(nn, kk, lowrank_up4(n0 + nn, j0 + kk, p.n));
         }
         workgroupBarrier();
-        gemm_slice(&acc, tx, ty);
+        gemm_slice_n(&acc, tx, ty, min(KT, p.ad.rank - j0));
         workgroupBarrier();
     }
 #endif

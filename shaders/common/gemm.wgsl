@@ -80,3 +80,30 @@ fn gemm_slice(acc: ptr<function, array<vec4<f32>, 16>>, tx: u32, ty: u32) {
         (*acc)[15] += a1.w * b1;
     }
 }
+
+// gemm_slice over the first `kn` (<= KT, uniform) rows of the staged slice only: for a short
+// last slice, such as an adapter's R low-rank columns (R = 16 fills half of a 32-deep slice).
+fn gemm_slice_n(acc: ptr<function, array<vec4<f32>, 16>>, tx: u32, ty: u32, kn: u32) {
+    for (var kk = 0u; kk < kn; kk++) {
+        let a0 = a_tile[kk * TM + 2u * ty];
+        let a1 = a_tile[kk * TM + 2u * ty + 1u];
+        let b0 = b_tile[kk * TN + 2u * tx];
+        let b1 = b_tile[kk * TN + 2u * tx + 1u];
+        (*acc)[0] += a0.x * b0;
+        (*acc)[1] += a0.x * b1;
+        (*acc)[2] += a0.y * b0;
+        (*acc)[3] += a0.y * b1;
+        (*acc)[4] += a0.z * b0;
+        (*acc)[5] += a0.z * b1;
+        (*acc)[6] += a0.w * b0;
+        (*acc)[7] += a0.w * b1;
+        (*acc)[8] += a1.x * b0;
+        (*acc)[9] += a1.x * b1;
+        (*acc)[10] += a1.y * b0;
+        (*acc)[11] += a1.y * b1;
+        (*acc)[12] += a1.z * b0;
+        (*acc)[13] += a1.z * b1;
+        (*acc)[14] += a1.w * b0;
+        (*acc)[15] += a1.w * b1;
+    }
+}
