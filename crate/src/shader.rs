@@ -92,6 +92,8 @@ static FAMILIES: &[&[ShaderSource]] = &[
     crate::ops::grad::attention::SHADERS,
     crate::ops::grad::norm::SHADERS,
     crate::ops::grad::activation::SHADERS,
+    crate::ops::grad::conv::SHADERS,
+    crate::ops::grad::optim::SHADERS,
 ];
 
 /// Every registered WGSL source.

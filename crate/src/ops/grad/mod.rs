@@ -7,3 +7,6 @@
 pub mod attention;
 pub mod activation;
 pub mod norm;
+pub mod linear;
+pub mod conv;
+pub mod optim;
