@@ -1,6 +1,7 @@
 //! Stable-Diffusion-class model components, named after their diffusers / transformers
 //! counterparts.
 
+pub mod backward;
 pub mod clip;
 pub mod embeddings;
 pub mod resnet;
