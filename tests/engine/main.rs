@@ -35,5 +35,6 @@ mod sampler;
 mod shaders;
 mod textual_inversion;
 mod tokenizer;
+mod train_unet;
 mod vae;
 mod unet;
