@@ -21,6 +21,7 @@ pub mod sampler;
 pub mod selftest;
 pub mod shader;
 pub mod tensor;
+pub mod train;
 
 pub use error::{Error, Result};
 pub use gpu::{Gpu, GpuOptions};

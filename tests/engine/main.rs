@@ -38,3 +38,6 @@ mod tokenizer;
 mod train_unet;
 mod vae;
 mod unet;
+mod train_data;
+mod train_export;
+mod train_handoff;
