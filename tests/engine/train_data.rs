@@ -274,7 +274,8 @@ fn train_data_errors_name_the_file() {
     huge[16..24].copy_from_slice(&[0, 0, 0xEA, 0x60, 0, 0, 0xEA, 0x60]);
     let crc = crc32fast::hash(&huge[12..29]);
     huge[29..33].copy_from_slice(&crc.to_be_bytes());
-    let cases: Vec<(Vec<(&str, Vec<u8>)>, &str, &str)> = vec![
+    type Case<'a> = (Vec<(&'a str, Vec<u8>)>, &'a str, &'a str);
+    let cases: Vec<Case> = vec![
         (vec![("ok.png", good.clone()), ("10_x/broken.png", truncated)], "10_x/broken.png", "damaged"),
         (vec![("text.jpg", b"hello, not an image".to_vec())], "text.jpg", "not a PNG, JPEG or WebP"),
         (vec![("empty.webp", vec![])], "empty.webp", "empty"),

@@ -259,7 +259,7 @@ fn train_export_refuses_bad_layers() {
         alpha: 1.0,
     };
     let rec = TrainingRecord::default();
-    assert!(export_kohya(&[good.clone()], &rec, ExportDtype::F16).is_ok());
+    assert!(export_kohya(std::slice::from_ref(&good), &rec, ExportDtype::F16).is_ok());
     let mut nan = good.clone();
     nan.up.data[3] = f32::NAN;
     let mut short = good.clone();

@@ -55,8 +55,8 @@ pub fn dos_time_date(unix_seconds: i64) -> (u16, u16) {
     let secs = unix_seconds.max(315_532_800); // 1980-01-01
     let (y, m, d, rem) = civil(secs);
     let y = y.min(2107);
-    let time = ((rem / 3600) << 11 | (rem % 3600 / 60) << 5 | (rem % 60) / 2) as u16;
-    let date = ((y - 1980) << 9 | m << 5 | d) as u16;
+    let time = (((rem / 3600) << 11) | ((rem % 3600 / 60) << 5) | ((rem % 60) / 2)) as u16;
+    let date = (((y - 1980) << 9) | (m << 5) | d) as u16;
     (time, date)
 }
 

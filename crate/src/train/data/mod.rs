@@ -87,7 +87,7 @@ impl DatasetOptions {
     }
 
     fn check(&self) -> Result<()> {
-        if self.resolution % 8 != 0 || !(8..=4096).contains(&self.resolution) {
+        if !self.resolution.is_multiple_of(8) || !(8..=4096).contains(&self.resolution) {
             return Err(Error::Invalid(format!(
                 "training resolution {} must be a multiple of 8 between 8 and 4096 (512 for Stable Diffusion 1.x)",
                 self.resolution
