@@ -281,6 +281,33 @@ fn cli_generate_with_loras_tags_and_embedding() {
     let text = loralab::io::png::decode(&std::fs::read(&png).unwrap()).unwrap();
     let params = text.text("parameters").unwrap();
     assert!(params.starts_with(&prompt), "{params}");
+    // The XMP packet lists the folder's three weight files and both adapters, hashed, with the
+    // strengths the prompt's tags set.
+    let xmp = text.text(loralab::io::xmp::KEYWORD).expect("an XMP iTXt chunk");
+    let doc = roxmltree::Document::parse(xmp).expect("well-formed XMP");
+    let ns = loralab::io::xmp::NS_LORALAB;
+    let items = |list: &str| -> Vec<roxmltree::Node> {
+        let l = doc.descendants().find(|n| n.has_tag_name((ns, list))).expect(list);
+        l.descendants().filter(|n| n.has_tag_name((loralab::io::xmp::NS_RDF, "li"))).collect()
+    };
+    let get = |n: roxmltree::Node, k: &str| n.children().find(|c| c.has_tag_name((ns, k))).and_then(|c| c.text()).map(str::to_string);
+    let sha = |p: PathBuf| -> String {
+        use sha2::Digest;
+        sha2::Sha256::digest(std::fs::read(p).unwrap()).iter().map(|b| format!("{b:02x}")).collect()
+    };
+    let files: Vec<_> = items("files").into_iter().map(|n| (get(n, "path").unwrap(), get(n, "sha256").unwrap())).collect();
+    assert_eq!(files.len(), 3, "{xmp}");
+    for (path, digest) in &files {
+        assert_eq!(digest, &sha(model_dir().join(path)), "{path}");
+    }
+    let adapters = items("adapters");
+    assert_eq!(adapters.len(), 2, "{xmp}");
+    let by_name = |name: &str| *adapters.iter().find(|n| get(**n, "name").as_deref() == Some(name)).expect(name);
+    let peft = by_name("peft");
+    assert_eq!(get(peft, "sha256"), Some(sha(fixtures().join("lora/peft.safetensors"))));
+    assert_eq!((get(peft, "textEncoderStrength"), get(peft, "unetStrength")), (Some("0.7".into()), Some("0.7".into())));
+    assert_eq!(get(by_name("kohya_b"), "unetStrength"), Some("-0.4".into()));
+    assert!(stderr.contains("  licence "), "adapter licence lines: {stderr}");
 
     // The embedding's trigger word in the prompt gives diffusers' embeddings.
     let ti = &manifest["cases"]["ti_diffusers"];

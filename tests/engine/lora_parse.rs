@@ -354,6 +354,13 @@ fn inspect_json_through_the_binary() {
     assert_eq!(v["layers"], 5);
     assert_eq!(v["match"]["matched"], 5);
     assert_eq!(v["metadata"]["trigger_words"][0], "sks");
+    // No licence in the file: the base model's (sd_v1) restrictions, marked as inferred.
+    assert_eq!(v["licence"]["name"], "CreativeML Open RAIL-M");
+    assert_eq!(v["licence"]["inferred"], true);
+    let text = std::process::Command::new(env!("CARGO_BIN_EXE_loralab")).args(["lora", "inspect"]).arg(&path).output().expect("runs");
+    let text = String::from_utf8_lossy(&text.stdout);
+    assert!(text.contains("licence       CreativeML Open RAIL-M: Use, change and share"), "{text}");
+    assert!(text.contains("inferred: the file names no licence"), "{text}");
     // Errors exit non-zero with the message.
     let bad = dir.join("bad.safetensors");
     let mut tensors = kohya_tensors();

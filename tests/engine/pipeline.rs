@@ -13,9 +13,9 @@
 //! weights are exact in f16; measured 1.7e-6); q4_0 1.5 / 0.5 / 0.4 (measured 7.4e-1, 2.7e-1,
 //! 1.9e-1: the fixtures' 8-value rows are single padded blocks). clip skip is checked against
 //! the text encoder references. The CLI test runs the built `loralab generate`
-//! with --init-latents and --dump and checks the dump against the references, the PNG's pixels
-//! and its A1111 `parameters` chunk; bad inputs must exit non-zero with messages naming the
-//! option or file.
+//! with --init-latents and --dump and checks the dump against the references, the PNG's pixels,
+//! its A1111 `parameters` chunk and its XMP packet (read back with roxmltree, the checkpoint's
+//! SHA-256 recomputed); bad inputs must exit non-zero with messages naming the option or file.
 
 use super::common::{block, fixture_case_sampler, gpu};
 use loralab::io::safetensors::SafetensorsFile;
@@ -391,6 +391,22 @@ fn cli_generate_writes_png_and_dump() {
          Size: 64x64, Model: {model}"
     );
     assert_eq!(p.text("parameters"), Some(want.as_str()));
+
+    // The XMP packet: AI-generated, the software, the checkpoint's name and SHA-256, read back
+    // with an independent XML parser.
+    let xmp = p.text(loralab::io::xmp::KEYWORD).expect("an XMP iTXt chunk");
+    let doc = roxmltree::Document::parse(xmp).expect("well-formed XMP");
+    let field = |ns: &str, name: &str| doc.descendants().find(|n| n.has_tag_name((ns, name))).and_then(|n| n.text());
+    assert_eq!(
+        field(loralab::io::xmp::NS_IPTC_EXT, "DigitalSourceType"),
+        Some("http://cv.iptc.org/newscodes/digitalsourcetype/trainedAlgorithmicMedia")
+    );
+    assert_eq!(field(loralab::io::xmp::NS_XMP, "CreatorTool"), Some(format!("loralab {}", env!("CARGO_PKG_VERSION")).as_str()));
+    use sha2::Digest;
+    let digest: String = sha2::Sha256::digest(std::fs::read(&single).unwrap()).iter().map(|b| format!("{b:02x}")).collect();
+    assert_eq!(field(loralab::io::xmp::NS_LORALAB, "sha256"), Some(digest.as_str()), "{xmp}");
+    assert_eq!(field(loralab::io::xmp::NS_LORALAB, "path"), Some(format!("{model}.safetensors").as_str()));
+    assert!(stderr.contains("licence unknown: no licence found"), "the licence line on stderr: {stderr}");
 
     // A1111's --clip-skip 2 is diffusers' clip_skip 1 (the penultimate layer), recorded as such.
     let out = loralab(&[

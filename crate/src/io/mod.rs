@@ -5,6 +5,7 @@
 pub mod png;
 pub mod safetensors;
 pub mod safetensors_write;
+pub mod xmp;
 
 use crate::error::{Error, Result};
 use std::sync::Arc;

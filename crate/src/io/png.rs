@@ -2,7 +2,8 @@
 //! bytes out, so the browser uses it too).
 //!
 //! Text chunks follow what A1111 / PIL write: a `tEXt` chunk when the text is Latin-1, an
-//! uncompressed `iTXt` (UTF-8) chunk otherwise.
+//! uncompressed `iTXt` (UTF-8) chunk otherwise. An XMP packet (`super::xmp`) always goes in an
+//! uncompressed `iTXt` chunk with keyword `XML:com.adobe.xmp`, before the image data.
 
 use crate::error::{Error, Result};
 
@@ -13,6 +14,15 @@ fn err(message: impl std::fmt::Display) -> Error {
 /// Encodes 8-bit RGB pixels (`[H, W, 3]` row-major) as a PNG with the given text chunks
 /// (keyword, text).
 pub fn encode_rgb8(width: usize, height: usize, rgb: &[u8], text: &[(&str, &str)]) -> Result<Vec<u8>> {
+    encode(width, height, rgb, text, None)
+}
+
+/// [`encode_rgb8`] with an XMP packet (`super::xmp::Provenance::to_xmp`) in an `iTXt` chunk.
+pub fn encode_rgb8_xmp(width: usize, height: usize, rgb: &[u8], text: &[(&str, &str)], xmp: &str) -> Result<Vec<u8>> {
+    encode(width, height, rgb, text, Some(xmp))
+}
+
+fn encode(width: usize, height: usize, rgb: &[u8], text: &[(&str, &str)], xmp: Option<&str>) -> Result<Vec<u8>> {
     if rgb.len() != width * height * 3 || width == 0 || height == 0 {
         return Err(err(format!("{} bytes for a {width}x{height} RGB image", rgb.len())));
     }
@@ -28,6 +38,9 @@ pub fn encode_rgb8(width: usize, height: usize, rgb: &[u8], text: &[(&str, &str)
             } else {
                 enc.add_itxt_chunk(keyword.to_string(), value.to_string()).map_err(err)?;
             }
+        }
+        if let Some(x) = xmp {
+            enc.add_itxt_chunk(super::xmp::KEYWORD.to_string(), x.to_string()).map_err(err)?;
         }
         let mut writer = enc.write_header().map_err(err)?;
         writer.write_image_data(rgb).map_err(err)?;
@@ -81,3 +94,46 @@ pub fn decode(bytes: &[u8]) -> Result<DecodedPng> {
         text,
     })
 }
+
+/// Puts an XMP packet into an existing PNG (one drawn elsewhere, e.g. a canvas): an `iTXt` chunk
+/// `XML:com.adobe.xmp` right after `IHDR`, replacing any XMP chunk the file had; every other
+/// chunk is copied as it is. `source` names the file for messages.
+pub fn add_xmp(png: &[u8], xmp: &str, source: &str) -> Result<Vec<u8>> {
+    use png::text_metadata::{EncodableTextChunk, ITXtChunk};
+    let bad = |message: String| Error::Format { file: source.to_string(), tensor: None, message };
+    if png.get(..8) != Some(&SIGNATURE[..]) {
+        return Err(bad("is not a PNG (the signature is missing)".into()));
+    }
+    let mut out = Vec::with_capacity(png.len() + xmp.len() + 64);
+    out.extend_from_slice(&SIGNATURE);
+    let mut pos = 8usize;
+    let mut seen_ihdr = false;
+    let mut seen_iend = false;
+    while pos < png.len() && !seen_iend {
+        let header = png.get(pos..pos + 8).ok_or_else(|| bad(format!("chunk header at byte {pos} is cut off")))?;
+        let len = u32::from_be_bytes([header[0], header[1], header[2], header[3]]) as usize;
+        let kind = [header[4], header[5], header[6], header[7]];
+        let end = pos.checked_add(12).and_then(|e| e.checked_add(len)).filter(|&e| e <= png.len());
+        let end = end.ok_or_else(|| bad(format!("chunk `{}` at byte {pos} runs past the end", String::from_utf8_lossy(&kind))))?;
+        if !seen_ihdr && &kind != b"IHDR" {
+            return Err(bad("the first chunk is not IHDR".into()));
+        }
+        let data = &png[pos + 8..end - 4];
+        let is_xmp = &kind == b"iTXt" && data.split(|&b| b == 0).next() == Some(super::xmp::KEYWORD.as_bytes());
+        if !is_xmp {
+            out.extend_from_slice(&png[pos..end]);
+        }
+        if &kind == b"IHDR" && !seen_ihdr {
+            seen_ihdr = true;
+            ITXtChunk::new(super::xmp::KEYWORD, xmp).encode(&mut out).map_err(err)?;
+        }
+        seen_iend = &kind == b"IEND";
+        pos = end;
+    }
+    if !seen_iend {
+        return Err(bad("has no IEND chunk (the file is cut off)".into()));
+    }
+    Ok(out)
+}
+
+const SIGNATURE: [u8; 8] = [137, 80, 78, 71, 13, 10, 26, 10];

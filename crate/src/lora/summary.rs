@@ -29,6 +29,8 @@ pub struct Summary {
     pub algorithms: Vec<Algorithm>,
     pub base: BaseModel,
     pub base_reason: Option<String>,
+    /// The licence its metadata names, or the one inherited from its base model.
+    pub licence: crate::licence::Licence,
     pub bytes: u64,
     pub dtypes: Vec<String>,
     pub layers: usize,
@@ -95,6 +97,7 @@ impl LoraFile {
             algorithms: self.algorithms.clone(),
             base: self.base,
             base_reason: self.base_reason.clone(),
+            licence: crate::licence::for_adapter(&self.metadata.raw),
             bytes: self.bytes,
             dtypes: self.dtypes.clone(),
             layers: self.layers.len(),
@@ -149,6 +152,7 @@ impl Summary {
             (b, None) => b.describe().to_string(),
         };
         line("base model", base);
+        line("licence", self.licence.line());
         line("size", format!("{} ({} bytes), {}", size(self.bytes), self.bytes, self.dtypes.join(", ")));
         let per_target: Vec<String> = self.targets.iter().map(|c| format!("{} {}", c.value, c.layers)).collect();
         line("layers", format!("{} ({})", self.layers, per_target.join(", ")));

@@ -234,8 +234,9 @@ fn image_name(weights: DType, index: usize, g: &Classification, ok: bool) -> Str
     format!("{}-{index:03}-{}-{}.png", weights.name(), if ok { "ok" } else { "miss" }, guess_name(g))
 }
 
-/// Writes `rgb` as `dir/name` with the prompt and the expected attributes as PNG text.
-fn save_png(dir: &Path, name: &str, rec: &EvalRecord, size: (usize, usize), rgb: &[u8]) -> Result<String, String> {
+/// Writes `rgb` as `dir/name` with the prompt and the expected attributes as PNG text, and the
+/// XMP packet `xmp`.
+fn save_png(dir: &Path, name: &str, rec: &EvalRecord, size: (usize, usize), rgb: &[u8], xmp: &str) -> Result<String, String> {
     let e = &rec.expected;
     let text = format!(
         "{}\nExpected: {} {} on {}{}",
@@ -245,7 +246,7 @@ fn save_png(dir: &Path, name: &str, rec: &EvalRecord, size: (usize, usize), rgb:
         e.background,
         e.count.map(|n| format!(", count {n}")).unwrap_or_default()
     );
-    let png = loralab::io::png::encode_rgb8(size.0, size.1, rgb, &[("parameters", &text)]).map_err(|e| e.to_string())?;
+    let png = loralab::io::png::encode_rgb8_xmp(size.0, size.1, rgb, &[("parameters", &text)], xmp).map_err(|e| e.to_string())?;
     let path = dir.join(name);
     std::fs::write(&path, png).map_err(|e| format!("--save-dir {}: cannot write: {e}", path.display()))?;
     Ok(path.display().to_string())
@@ -274,9 +275,14 @@ pub fn run(args: &[String]) -> Result<ExitCode, String> {
     let gpu_opts = GpuOptions { disable_f16: a.plain, disable_subgroups: a.plain, ..Default::default() };
     let gpu: Gpu = pollster::block_on(Gpu::new(gpu_opts)).map_err(|e| e.to_string())?;
     let mut report: Option<Report> = None;
+    let mut xmp = None;
     for &weights in &a.weights {
         let t0 = Instant::now();
         let ck = open_path(&a.model, None).map_err(|e| e.to_string())?;
+        if a.save_dir.is_some() && xmp.is_none() {
+            let (_, record) = super::generate::model_provenance(&a.model, &ck)?;
+            xmp = Some(loralab::io::xmp::Provenance::new(record, vec![]).to_xmp());
+        }
         let recommended = recommended_sampler(&ck.config.scheduler);
         let model_cfg = ck.model_index.as_ref().and_then(|m| m.defaults.guidance_scale);
         let (cfg, cfg_from) = match (a.cfg, model_cfg) {
@@ -326,7 +332,10 @@ pub fn run(args: &[String]) -> Result<ExitCode, String> {
             let agreement = score.add(&rec.expected, &guess);
             let ok = agreement.color && agreement.background && agreement.shape;
             let file = match &a.save_dir {
-                Some(d) => Some(save_png(d, &image_name(weights, index, &guess, ok), rec, (w, h), &rgb)?),
+                Some(d) => {
+                    let name = image_name(weights, index, &guess, ok);
+                    Some(save_png(d, &name, rec, (w, h), &rgb, xmp.as_deref().unwrap_or_default())?)
+                }
                 None => None,
             };
             eprintln!(

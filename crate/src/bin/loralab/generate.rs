@@ -1,15 +1,19 @@
 //! `loralab generate`: text to image with a Stable Diffusion 1.x/2.x model (a diffusers folder
-//! or a single `.safetensors` checkpoint), writing a PNG with A1111-style `parameters` text and,
-//! on request, the pipeline's intermediate tensors.
+//! or a single `.safetensors` checkpoint), writing a PNG with A1111-style `parameters` text and
+//! an XMP packet (AI-generated, the software, the model's and adapters' files with SHA-256
+//! hashes and licences) and, on request, the pipeline's intermediate tensors.
 
 use loralab::io::safetensors::SafetensorsFile;
 use loralab::lora::read_lora_for;
 use loralab::parameters::a1111_sampler;
 use loralab::model::config::PipelineConfig;
-use loralab::model::checkpoint::{is_pickle_name, open_path, refuse_pickle};
+use loralab::io::xmp::{FileRecord, ModelRecord, Provenance};
+use loralab::licence::Licence;
+use loralab::model::checkpoint::{is_pickle_name, open_path, refuse_pickle, Checkpoint, LocalDir};
 use loralab::pipeline::{GenerateOptions, StableDiffusionPipeline, StepProgress, WeightPlan};
 use loralab::sampler::SamplerKind;
 use loralab::{DType, Gpu, GpuOptions};
+use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 use std::time::Instant;
@@ -234,6 +238,18 @@ fn model_name(path: &Path) -> String {
     p.map(|s| s.to_string_lossy().into_owned()).unwrap_or_else(|| path.display().to_string())
 }
 
+/// The model's licence (printed) and record with its weight files hashed, for the XMP packet.
+pub fn model_provenance<R: loralab::io::RangeRead>(path: &Path, ck: &Checkpoint<R>) -> Result<(Licence, ModelRecord), String> {
+    let folder = path.is_dir().then(|| LocalDir(path.to_path_buf()));
+    let licence = loralab::provenance::model_licence(ck, folder.as_ref());
+    eprintln!("licence {}", licence.line());
+    let t = Instant::now();
+    let record = loralab::provenance::model_record(ck, &model_name(path), &licence).map_err(|e| e.to_string())?;
+    let bytes: u64 = record.files.iter().map(|f| f.bytes).sum();
+    eprintln!("hashed {} model files ({:.1} MB, SHA-256) in {:.2} s", record.files.len(), bytes as f64 / 1e6, t.elapsed().as_secs_f64());
+    Ok((licence, record))
+}
+
 /// A1111's `parameters` text.
 fn parameters(a: &Args, width: usize, height: usize) -> String {
     let o = &a.opts;
@@ -277,15 +293,17 @@ fn write_file(option: &str, path: &Path, bytes: &[u8]) -> Result<(), String> {
     std::fs::write(path, bytes).map_err(|e| format!("{option} {}: cannot write: {e}", path.display()))
 }
 
-/// Reads the `--lora` files and sets them on the pipeline.
+/// Reads the `--lora` files and sets them on the pipeline; returns each file's record (hashed),
+/// by the name it was opened under.
 fn load_loras(
     gpu: &Gpu,
     pipe: &mut StableDiffusionPipeline,
     config: &PipelineConfig,
     loras: &[(PathBuf, f32, f32)],
-) -> Result<(), String> {
+) -> Result<HashMap<String, FileRecord>, String> {
     let t = Instant::now();
     let mut files = vec![];
+    let mut records = HashMap::new();
     for (path, _, _) in loras {
         let name = path.display().to_string();
         if is_pickle_name(&name) {
@@ -295,7 +313,11 @@ fn load_loras(
             return Err(format!("--lora {name}: no such file"));
         }
         let f = SafetensorsFile::open_path(path).map_err(|e| format!("--lora {e}"))?;
-        files.push(std::sync::Arc::new(read_lora_for(&f, config).map_err(|e| format!("--lora {e}"))?));
+        let lora = read_lora_for(&f, config).map_err(|e| format!("--lora {e}"))?;
+        let record = loralab::provenance::file_record(f.reader(), loralab::provenance::file_name(&name))
+            .map_err(|e| format!("--lora {e}"))?;
+        records.insert(lora.file.clone(), record);
+        files.push(std::sync::Arc::new(lora));
     }
     let strengths = loras.iter().map(|(_, te, unet)| (*te, *unet)).collect();
     let report = pollster::block_on(pipe.set_adapters(gpu, files.clone(), strengths)).map_err(|e| format!("--lora {e}"))?;
@@ -308,6 +330,7 @@ fn load_loras(
             algos.join("+"),
             f.layers.len()
         );
+        eprintln!("  licence {}", f.summary(None).licence.line());
     }
     for w in &report.warnings {
         eprintln!("warning: {w}");
@@ -319,7 +342,7 @@ fn load_loras(
         (report.text_encoder.bytes + report.unet.bytes) as f64 / 1e6,
         t.elapsed().as_secs_f64()
     );
-    Ok(())
+    Ok(records)
 }
 
 pub fn run(args: &[String]) -> Result<ExitCode, String> {
@@ -358,6 +381,7 @@ pub fn run(args: &[String]) -> Result<ExitCode, String> {
     let gpu = pollster::block_on(Gpu::new(gpu_opts)).map_err(|e| e.to_string())?;
     let single_default = !a.model.is_dir() && a.config.is_none();
     let config = ck.config.clone();
+    let (_, model_record) = model_provenance(&a.model, &ck)?;
     let mut pipe = StableDiffusionPipeline::load(&gpu, ck, WeightPlan::new(a.weights)).map_err(|e| {
         if single_default {
             format!(
@@ -369,9 +393,7 @@ pub fn run(args: &[String]) -> Result<ExitCode, String> {
         }
     })?;
     eprintln!("loaded {} ({} weights) in {:.2} s", a.model.display(), a.weights, t0.elapsed().as_secs_f64());
-    if !a.loras.is_empty() {
-        load_loras(&gpu, &mut pipe, &config, &a.loras)?;
-    }
+    let adapter_files = if a.loras.is_empty() { HashMap::new() } else { load_loras(&gpu, &mut pipe, &config, &a.loras)? };
     for path in &a.embeddings {
         let name = path.display().to_string();
         if is_pickle_name(&name) {
@@ -387,6 +409,13 @@ pub fn run(args: &[String]) -> Result<ExitCode, String> {
         eprintln!("warning: {note}");
     }
     a.adapters_used = pipe.adapters().iter().map(|(f, s)| (f.display_name(), *s)).collect();
+    let adapter_records = pipe
+        .adapters()
+        .iter()
+        .filter(|(_, s)| s.0 != 0.0 || s.1 != 0.0)
+        .map(|(f, s)| loralab::provenance::adapter_record(f, adapter_files.get(&f.file).cloned(), Some(*s)))
+        .collect();
+    let provenance = Provenance::new(model_record, adapter_records);
 
     let (dw, dh) = pipe.default_size();
     let (width, height) = (a.opts.width.unwrap_or(dw), a.opts.height.unwrap_or(dh));
@@ -418,8 +447,8 @@ pub fn run(args: &[String]) -> Result<ExitCode, String> {
 
     let [_, _, h, w] = out.image_shape;
     let text = parameters(&a, w, h);
-    let png =
-        loralab::io::png::encode_rgb8(w, h, &out.to_rgb8(), &[("parameters", &text)]).map_err(|e| e.to_string())?;
+    let png = loralab::io::png::encode_rgb8_xmp(w, h, &out.to_rgb8(), &[("parameters", &text)], &provenance.to_xmp())
+        .map_err(|e| e.to_string())?;
     write_file("--out", &a.out, &png)?;
     eprintln!("wrote {}", a.out.display());
     if let Some(d) = &a.dump {
