@@ -56,7 +56,7 @@ function showActivity() {
   const NAMES = {
     load_model: "loading the model", generate: "generating", lora_add: "reading an adapter",
     lora_set: "setting strengths", lora_remove: "removing an adapter", self_test: "running the self-test",
-    embedding_add: "reading an embedding", parameters_read: "reading PNG parameters",
+    embedding_add: "reading an embedding", parameters_read: "reading PNG parameters", png_annotate: "writing the grid PNG",
     cache_list: "listing cached models", cache_remove: "removing a cached model", device: "reading device info",
   };
   const model = app.model ? `Model: ${app.model.name} (${app.model.weights})` : "No model loaded";

@@ -4,7 +4,7 @@
 // The protocol is described in docs/web.md.
 import load, {
   init, self_test, version, load_model, generate, lora_add, lora_set, lora_remove,
-  embedding_add, parameters_read, gpu_memory, merge_outputs, merge_write,
+  embedding_add, parameters_read, png_annotate, gpu_memory, merge_outputs, merge_write,
 } from "./loralab-web.js";
 
 const loaded = load();
@@ -59,13 +59,15 @@ const WEIGHT_FILES = {
   vae: ["vae/diffusion_pytorch_model.safetensors", "vae/diffusion_pytorch_model.fp16.safetensors"],
 };
 
-// "https://huggingface.co/org/name" (or …/tree/main) → the base of its raw files.
+// "https://huggingface.co/org/name" (or …/tree/main) → the base of its raw files, and the model
+// card to read the licence from (Hugging Face repositories always have README.md; other hosts
+// may have none, and asking would only log a 404).
 function modelBase(url) {
   const u = new URL(url, self.location.href);
   if (/\.safetensors$/i.test(u.pathname)) return { single: u.href };
   const hf = u.hostname === "huggingface.co" && u.pathname.match(/^\/([^/]+\/[^/]+)(?:\/tree\/([^/]+))?\/?$/);
-  if (hf) return { base: `https://huggingface.co/${hf[1]}/resolve/${hf[2] ?? "main"}/` };
-  return { base: u.href.endsWith("/") ? u.href : `${u.href}/` };
+  if (hf) return { base: `https://huggingface.co/${hf[1]}/resolve/${hf[2] ?? "main"}/`, cards: ["README.md"] };
+  return { base: u.href.endsWith("/") ? u.href : `${u.href}/`, cards: [] };
 }
 
 // A short name for a model URL: "org/name" on Hugging Face, else the last path segment.
@@ -115,11 +117,16 @@ async function fetchOk(url) {
   return r;
 }
 
-// Fetches a diffusers folder below `base` into {path: Blob}. With `cacheDir`, files are
-// streamed into the Origin Private File System (and read from there); otherwise kept as Blobs.
-async function fetchFolder(base, progress, cacheDir) {
+// Fetches a diffusers folder below `base` into {path: Blob}, with the model card files `cards`
+// (their front matter names the licence). With `cacheDir`, files are streamed into the Origin
+// Private File System (and read from there); otherwise kept as Blobs.
+async function fetchFolder(base, progress, cacheDir, cards = []) {
   const files = {};
-  const wanted = [...CONFIG_FILES.map(([p, req]) => [[p], req]), ...Object.values(WEIGHT_FILES).map((alts) => [alts, true])];
+  const wanted = [
+    ...CONFIG_FILES.map(([p, req]) => [[p], req]),
+    ...cards.map((p) => [[p], false]),
+    ...Object.values(WEIGHT_FILES).map((alts) => [alts, true]),
+  ];
   let done = 0;
   for (const [alternatives, required] of wanted) {
     let got = false;
@@ -189,7 +196,7 @@ async function loadFromUrl(url, weights, progress) {
     });
     files = { [file.name]: file };
   } else {
-    files = await fetchFolder(where.base, progress, dir);
+    files = await fetchFolder(where.base, progress, dir, where.cards);
   }
   const src = await (await dir.getFileHandle("source.json", { create: true })).createWritable();
   await src.write(JSON.stringify({ url, complete: true, saved: new Date().toISOString() }));
@@ -210,7 +217,7 @@ async function loadDemo(weights, progress) {
   const base = "models/demo/";
   const probe = await fetchOk(new URL(`${base}model_index.json`, self.location.href).href);
   if (!probe.ok) throw userError("the bundled demo model is missing from this build (models/demo/)");
-  const files = await fetchFolder(new URL(base, self.location.href).href, progress, null);
+  const files = await fetchFolder(new URL(base, self.location.href).href, progress, null, ["MODEL_CARD.md"]);
   return load_model(files, "demo", "demo", weights);
 }
 
@@ -301,6 +308,7 @@ const commands = {
       base: s.base,
       base_reason: s.base_reason,
       base_mismatch: card.base_mismatch,
+      licence: s.licence,
       triggers: s.metadata.trigger_words ?? [],
       metadata: s.metadata,
       layers: { text_encoder: targets.text_encoder ?? 0, unet: targets.unet ?? 0 },
@@ -338,6 +346,8 @@ const commands = {
     return out;
   },
   parameters_read: ({ file }) => parameters_read(file, file.name),
+  // A canvas-drawn PNG (the X/Y grid) with the XMP packet every engine-made PNG carries.
+  png_annotate: ({ file, name, description = "" }) => ({ png: png_annotate(file, name ?? "image.png", description) }),
   async device() {
     const engine = await init();
     const u = await gpu_memory();

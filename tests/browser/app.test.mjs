@@ -1,16 +1,20 @@
 // End-to-end test of the web app in the system Chromium on WebGPU (SwiftShader without a GPU):
 // the bundled demo model loads on open and draws what the prompt asks for, with per-step
-// progress; the downloaded PNG carries its parameters and dropping it back restores them; a model
+// progress; the model panel shows the demo model's licence; the downloaded PNG carries its
+// parameters and an XMP record (AI-generated, software, model files with SHA-256), and dropping it
+// back restores the parameters; a model
 // folder opens from the file picker; a LoRA file becomes a card whose
 // strength changes the image (strength 0 = no adapter, pixel for pixel), Live re-generates and the
 // X/Y grid renders; a broken adapter file leaves the rest working; a model loads from a URL served
-// on 127.0.0.1 and, after a reload with that server stopped, from the browser's cache. No request
+// on 127.0.0.1 and, after a reload with that server stopped, from the browser's cache; the
+// Responsible use page opens from the footer. No request
 // may leave the app's origin except to the model server, and the console stays clean.
 // Screenshots of each state go to tests/browser/artifacts/.
 //
 //   npm test          (or: node --test app.test.mjs)
 import { after, before, test } from "node:test";
 import assert from "node:assert/strict";
+import { createHash } from "node:crypto";
 import { readFileSync } from "node:fs";
 import { join } from "node:path";
 import { artifacts, describe, launch, openApp, repo, screenshot, serveApp, waitAttr } from "./harness.mjs";
@@ -22,6 +26,21 @@ const STEPS = 4;
 /** Steps for the demo model's drawing: its recommended number. */
 const DRAW_STEPS = 20;
 const fixtures = join(repo, "tests/fixtures");
+const XMP = "XML:com.adobe.xmp";
+const sha256 = (path) => createHash("sha256").update(readFileSync(path)).digest("hex");
+
+/** The XMP packet of a decoded PNG, checked to sit in an uncompressed iTXt chunk before the image data. */
+function xmpOf(png, what) {
+  const chunk = png.itxt[XMP];
+  assert.ok(chunk, `${what}: no ${XMP} iTXt chunk (chunks ${png.chunks.join(", ")})`);
+  assert.equal(chunk.compressed, false, `${what}: the XMP chunk is compressed`);
+  assert.ok(png.chunks.indexOf("iTXt") < png.chunks.indexOf("IDAT"), `${what}: XMP after the image data`);
+  const x = chunk.text;
+  assert.match(x, /<Iptc4xmpExt:DigitalSourceType>http:\/\/cv\.iptc\.org\/newscodes\/digitalsourcetype\/trainedAlgorithmicMedia<\/Iptc4xmpExt:DigitalSourceType>/, what);
+  assert.match(x, /xmlns:Iptc4xmpExt="http:\/\/iptc\.org\/std\/Iptc4xmpExt\/2008-02-29\/"/, what);
+  assert.match(x, /<xmp:CreatorTool>loralab \d+\.\d+\.\d+<\/xmp:CreatorTool>/, what);
+  return x;
+}
 
 let app;
 let browser;
@@ -155,6 +174,10 @@ function assertClean(what) {
 test("the default model loads on open; Ctrl+Enter generates with progress through every step", { timeout: TIMEOUT_MS * 3 }, async () => {
   const { page } = session;
   await modelLoaded(page, "the default model");
+  // The demo model's licence, from its card's front matter, with what it allows.
+  const licence = page.getByRole("region", { name: "Model" }).getByText(/^Licence: MIT or Apache-2\.0/);
+  assert.ok(await licence.isVisible(), `no licence line: ${await page.locator("#model").innerText()}`);
+  assert.match(await licence.innerText(), /commercial included.*MODEL_CARD\.md front matter\)$/);
   const csp = await page.getAttribute('meta[http-equiv="Content-Security-Policy"]', "content");
   assert.match(csp, /default-src 'self'/);
   assert.match(csp, /connect-src 'self' https: http:\/\/127\.0\.0\.1:\* http:\/\/localhost:\*/);
@@ -215,6 +238,15 @@ test("the downloaded PNG carries its parameters and dropping it restores them", 
   assert.match(params, new RegExp(`Steps: ${DRAW_STEPS}\\b`));
   assert.match(params, /CFG scale: 5\b/);
   assert.match(params, /Seed: 1234\b/);
+  // The XMP record: AI-generated, the software, the demo model's files with their hashes.
+  const xmp = xmpOf(file.png, file.name);
+  assert.match(xmp, /<Iptc4xmpExt:AISystemUsed>demo<\/Iptc4xmpExt:AISystemUsed>/);
+  assert.match(xmp, /<loralab:licence>MIT OR Apache-2\.0<\/loralab:licence>/);
+  for (const f of ["unet/diffusion_pytorch_model.safetensors", "text_encoder/model.safetensors", "vae/diffusion_pytorch_model.safetensors"]) {
+    const digest = sha256(join(repo, "www/models/demo", f));
+    assert.ok(xmp.includes(`<loralab:path>${f}</loralab:path>`) && xmp.includes(`<loralab:sha256>${digest}</loralab:sha256>`), `${f} ${digest} in ${xmp}`);
+  }
+  assert.doesNotMatch(xmp, /loralab:adapters/, "no adapter was used");
 
   await $.prompt().fill("something else");
   await $.seed().fill("99");
@@ -269,11 +301,23 @@ test("a LoRA card shows the file; strength 1 changes the image, strength 0 gives
   for (const r of new Set(modules.map((m) => m.rank))) assert.match(rankText, new RegExp(`\\b${r}\\b`), `rank ${r} in "${rankText}"`);
   const alphaText = await card.locator("dd.alpha").innerText();
   for (const a of new Set(modules.map((m) => m.alpha))) assert.match(alphaText, new RegExp(`\\b${a}\\b`), `alpha ${a} in "${alphaText}"`);
+  // No licence in the file: the card shows the base model's, inferred, and what it was trained on.
+  const cardLicence = card.locator("dd.licence");
+  assert.match(await cardLicence.innerText(), /^CreativeML Open RAIL-M \(inferred from the model it was trained on\) · Use, change/);
+  assert.match(await cardLicence.getAttribute("title"), /ss_base_model_version sd_v1/);
+  assert.match(await card.locator("dd.trained-on").innerText(), /tiny-sd15-a · sd_v1/);
+  assert.equal(await card.locator(".warning").count(), 0, `an SD1 adapter on an SD1-like model: ${await card.innerText()}`);
   const slider = page.getByRole("slider", { name: `Strength: ${name}` });
   assert.equal(Number(await slider.inputValue()), 1);
   await screenshot(page, "04-lora-cards");
 
-  const one = rgb((await generated(() => $.generate().click())).png);
+  const withLora = await generated(() => $.generate().click());
+  const one = rgb(withLora.png);
+  const adapterSha = sha256(join(fixtures, "lora/kohya.safetensors"));
+  const used = xmpOf(withLora.png, withLora.name);
+  assert.match(used, /<loralab:adapters>/);
+  assert.ok(used.includes(`<loralab:sha256>${adapterSha}</loralab:sha256>`), `the adapter's hash in ${used}`);
+  assert.match(used, /<loralab:unetStrength>1<\/loralab:unetStrength>/);
   const change = comparePixels(one, base);
   assert.ok(!change.equal, "the adapter at strength 1 did not change the image");
   console.log(`# strength 1 vs none: max |Δ| ${change.maxDiff}, mean |Δ| ${change.meanDiff.toFixed(2)}`);
@@ -301,6 +345,9 @@ test("a LoRA card shows the file; strength 1 changes the image, strength 0 gives
   const gridState = await waitAttr(page, "#grid", "data-state", ["done", "error"], TIMEOUT_MS);
   assert.equal(gridState, "done", await grid.innerText());
   const sheet = (await download(grid, "Download grid PNG")).png;
+  const gridXmp = xmpOf(sheet, "the grid PNG");
+  assert.match(gridXmp, /X\/Y grid: strengths 0, 1/);
+  assert.ok(gridXmp.includes(`<loralab:sha256>${adapterSha}</loralab:sha256>`), `the adapter's hash in ${gridXmp}`);
   const { width: w, height: h } = base;
   assert.ok(sheet.width >= 2 * w && sheet.height >= h, `grid ${sheet.width}×${sheet.height} for ${w}×${h} cells`);
   const left = sheet.width - 2 * w;
@@ -387,6 +434,23 @@ test("a model loads from a URL on 127.0.0.1 and, after a reload with that server
   await entry.first().getByRole("button", { name: `Remove ${cachedName}` }).click();
   await page.waitForFunction(() => !document.querySelector("#cache-list li.cached"), null, { timeout: TIMEOUT_MS });
   assertClean("model from URL");
+});
+
+test("the Responsible use page opens from the footer", { timeout: TIMEOUT_MS }, async () => {
+  const { page } = session;
+  const section = page.getByRole("region", { name: "Responsible use" });
+  assert.equal(await section.isVisible(), false, "the page shows before it is asked for");
+  await page.getByRole("contentinfo").getByRole("link", { name: "Responsible use" }).click();
+  await section.waitFor({ state: "visible", timeout: 10_000 });
+  for (const heading of ["Licences", "Every image says it was made by AI", "Privacy", "People"]) {
+    assert.ok(await section.getByRole("heading", { name: heading }).isVisible(), `heading ${heading}`);
+  }
+  assert.match(await section.innerText(), /trainedAlgorithmicMedia/);
+  assert.match(await section.innerText(), /consent/);
+  await screenshot(page, "09a-responsible-use");
+  await section.getByRole("link", { name: "Back to the app" }).click();
+  await section.waitFor({ state: "hidden", timeout: 10_000 });
+  assertClean("responsible use");
 });
 
 test("the layout fits a laptop (1280×800) and a tablet (820×1180)", { timeout: TIMEOUT_MS }, async () => {

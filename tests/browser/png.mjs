@@ -1,11 +1,15 @@
 // A small PNG reader for the browser tests: 8-bit greyscale / RGB / grey+alpha / RGBA,
-// non-interlaced (what the engine writes), with the text chunks (tEXt, zTXt, iTXt).
-import { inflateSync } from "node:zlib";
+// non-interlaced (what the engine writes), with the text chunks (tEXt, zTXt, iTXt; iTXt also
+// with its flags, as XMP packets need them), the chunk order, and every chunk's CRC checked.
+import { crc32, inflateSync } from "node:zlib";
 
 const SIGNATURE = Buffer.from([137, 80, 78, 71, 13, 10, 26, 10]);
 const CHANNELS = { 0: 1, 2: 3, 4: 2, 6: 4 };
 
-/** Decodes `bytes`: {width, height, channels, pixels (Uint8Array, row-major), text: {key: value}}. */
+/**
+ * Decodes `bytes`: {width, height, channels, pixels (Uint8Array, row-major), text: {key: value},
+ * itxt: {key: {compressed, language, translated, text}}, chunks: [type, …]}.
+ */
 export function readPng(bytes) {
   const buf = Buffer.from(bytes);
   if (!buf.subarray(0, 8).equals(SIGNATURE)) throw new Error("not a PNG (bad signature)");
@@ -13,10 +17,15 @@ export function readPng(bytes) {
   let header = null;
   const idat = [];
   const text = {};
+  const itxt = {};
+  const chunks = [];
   while (pos + 12 <= buf.length) {
     const len = buf.readUInt32BE(pos);
     const type = buf.toString("latin1", pos + 4, pos + 8);
     const data = buf.subarray(pos + 8, pos + 8 + len);
+    if (pos + 12 + len > buf.length) throw new Error(`chunk ${type} runs past the end`);
+    if (crc32(buf.subarray(pos + 4, pos + 8 + len)) !== buf.readUInt32BE(pos + 8 + len)) throw new Error(`chunk ${type}: bad CRC`);
+    chunks.push(type);
     pos += 12 + len;
     if (type === "IHDR") {
       header = {
@@ -31,13 +40,20 @@ export function readPng(bytes) {
       const z = data.indexOf(0);
       text[data.toString("latin1", 0, z)] = inflateSync(data.subarray(z + 2)).toString("latin1");
     } else if (type === "iTXt") {
+      // keyword \0 compression flag, method, language tag \0 translated keyword \0 text
       const z = data.indexOf(0);
       const compressed = data[z + 1] === 1;
-      let p = z + 3;
-      p = data.indexOf(0, p) + 1; // language tag
-      p = data.indexOf(0, p) + 1; // translated keyword
-      const body = data.subarray(p);
-      text[data.toString("latin1", 0, z)] = (compressed ? inflateSync(body) : body).toString("utf8");
+      const langEnd = data.indexOf(0, z + 3);
+      const transEnd = data.indexOf(0, langEnd + 1);
+      const body = data.subarray(transEnd + 1);
+      const keyword = data.toString("latin1", 0, z);
+      text[keyword] = (compressed ? inflateSync(body) : body).toString("utf8");
+      itxt[keyword] = {
+        compressed,
+        language: data.toString("latin1", z + 3, langEnd),
+        translated: data.toString("utf8", langEnd + 1, transEnd),
+        text: text[keyword],
+      };
     } else if (type === "IEND") {
       break;
     }
@@ -80,7 +96,7 @@ export function readPng(bytes) {
       out[i] = (line[i] + v) & 255;
     }
   }
-  return { width, height, channels, pixels, text };
+  return { width, height, channels, pixels, text, itxt, chunks };
 }
 
 /** How two decoded images differ: {equal, maxDiff, meanDiff}. */

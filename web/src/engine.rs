@@ -5,6 +5,9 @@
 use crate::files::{BlobFiles, BlobReader};
 use crate::{gpu, js_error, now, to_js};
 use loralab::io::safetensors::SafetensorsFile;
+use loralab::io::xmp::{FileRecord, ModelRecord, Provenance};
+use loralab::licence::Licence;
+use loralab::provenance::{adapter_record, file_name, file_record, model_licence, model_record};
 use loralab::lora::{read_lora_for, LoraFile, MatchReport};
 use loralab::model::checkpoint::Checkpoint;
 use loralab::model::config::PipelineConfig;
@@ -24,6 +27,8 @@ struct Lora {
     blob: Blob,
     name: String,
     file: Arc<LoraFile>,
+    /// Name, size and SHA-256 of the file (hashed once, when added).
+    record: FileRecord,
     te: f32,
     unet: f32,
     enabled: bool,
@@ -51,6 +56,8 @@ struct State {
     source: Option<Source>,
     config: Option<PipelineConfig>,
     model_name: String,
+    /// The model's weight files (hashed once, at load) and stated licence, for the images' XMP.
+    model_record: Option<ModelRecord>,
     weights: Option<DType>,
     loras: Vec<Lora>,
     next_id: u32,
@@ -128,6 +135,7 @@ struct ModelInfo {
     steps: usize,
     bytes: u64,
     adapter_warnings: Vec<String>,
+    licence: Licence,
 }
 
 /// Loads a model from Blobs: `files` is an object `{relative path: Blob}` holding a diffusers
@@ -149,7 +157,8 @@ pub async fn load_model(files: js_sys::Object, name: String, source: String, wei
         s.pipe = None;
         g.trim();
         s.source = None;
-        let ck = if entries.len() == 1 && entries[0].0.to_ascii_lowercase().ends_with(".safetensors") {
+        s.model_record = None;
+        let (ck, licence) = if entries.len() == 1 && entries[0].0.to_ascii_lowercase().ends_with(".safetensors") {
             let (path, blob) = entries.pop().unwrap_or_else(|| unreachable!());
             if loralab::model::checkpoint::is_pickle_name(&path) {
                 return Err(err(loralab::model::checkpoint::refuse_pickle(&path)));
@@ -157,17 +166,22 @@ pub async fn load_model(files: js_sys::Object, name: String, source: String, wei
             let ck = Checkpoint::open_single_file(BlobReader::new(blob.clone(), path.clone()), &path, PipelineConfig::sd15())
                 .map_err(err)?;
             s.source = Some(Source::Single { name: path, blob });
-            ck
+            let licence = model_licence::<_, BlobFiles>(&ck, None);
+            (ck, licence)
         } else {
             if let Some((p, _)) = entries.iter().find(|(p, _)| loralab::model::checkpoint::is_pickle_name(p)) {
                 if !entries.iter().any(|(p, _)| p.ends_with(".safetensors")) {
                     return Err(err(loralab::model::checkpoint::refuse_pickle(p)));
                 }
             }
-            let ck = Checkpoint::open_folder(&BlobFiles::new(&name, entries.clone())).map_err(err)?;
+            let files = BlobFiles::new(&name, entries.clone());
+            let ck = Checkpoint::open_folder(&files).map_err(err)?;
             s.source = Some(Source::Folder { name: name.clone(), files: entries });
-            ck
+            let licence = model_licence(&ck, Some(&files));
+            (ck, licence)
         };
+        // Hashed by ranges before the weights go to the GPU (the files are read once more).
+        let record = model_record(&ck, &name, &licence).map_err(err)?;
         let config = ck.config.clone();
         let sampler = loralab::eval::recommended_sampler(&config.scheduler).unwrap_or(SamplerKind::EulerAncestral);
         let defaults = ck.model_index.as_ref().map(|m| m.defaults.clone()).unwrap_or_default();
@@ -178,6 +192,7 @@ pub async fn load_model(files: js_sys::Object, name: String, source: String, wei
         s.pipe = Some(pipe);
         s.config = Some(config);
         s.model_name = name.clone();
+        s.model_record = Some(record);
         s.weights = Some(dt);
         let adapter_warnings = reapply(s).await?;
         let info = ModelInfo {
@@ -191,6 +206,7 @@ pub async fn load_model(files: js_sys::Object, name: String, source: String, wei
             steps: defaults.num_inference_steps.unwrap_or(20),
             bytes: g.memory().live_bytes,
             adapter_warnings,
+            licence,
         };
         to_js(&info)
     })
@@ -316,6 +332,15 @@ pub async fn generate(params: JsValue, on_step: js_sys::Function, png_out: js_sy
         let before: Vec<(f32, f32)> = pipe.adapters().iter().map(|(_, s)| *s).collect();
         let notes = pipe.apply_prompt_tags(&g, &mut opts).map_err(err)?;
         let used: Vec<(String, (f32, f32))> = pipe.adapters().iter().map(|(f, s)| (f.display_name(), *s)).collect();
+        // The pipeline holds the adapters in the cards' order.
+        let records = pipe
+            .adapters()
+            .iter()
+            .zip(&s.loras)
+            .filter(|((_, st), _)| st.0 != 0.0 || st.1 != 0.0)
+            .map(|((f, st), l)| adapter_record(f, Some(l.record.clone()), Some(*st)))
+            .collect();
+        let provenance = Provenance::new(s.model_record.clone().unwrap_or_default(), records);
         let t0 = now();
         let resident = g.memory().live_bytes;
         g.reset_peak_memory();
@@ -343,7 +368,8 @@ pub async fn generate(params: JsValue, on_step: js_sys::Function, png_out: js_sy
         }
         let [_, _, h, w] = out.image_shape;
         let text = parameters_text(&p, &opts, &used, w, h, &name, weights);
-        let png = loralab::io::png::encode_rgb8(w, h, &out.to_rgb8(), &[("parameters", &text)]).map_err(err)?;
+        let png = loralab::io::png::encode_rgb8_xmp(w, h, &out.to_rgb8(), &[("parameters", &text)], &provenance.to_xmp())
+            .map_err(err)?;
         png_out.call1(&JsValue::NULL, &js_sys::Uint8Array::from(&png[..]))?;
         to_js(&Generated { parameters: text, seed: opts.seed, width: w, height: h, ms: now() - t0, notes })
     })
@@ -408,29 +434,52 @@ pub async fn lora_add(file: Blob, name: String) -> Result<JsValue, JsValue> {
         }
         let cfg = s.config.clone().unwrap_or_else(PipelineConfig::sd15);
         let reader = BlobReader::new(file.clone(), name.clone());
-        let f = SafetensorsFile::open(reader, name.clone()).map_err(err)?;
+        let f = SafetensorsFile::open(reader.clone(), name.clone()).map_err(err)?;
         let lf = Arc::new(read_lora_for(&f, &cfg).map_err(err)?);
+        let record = file_record(&reader, file_name(&name)).map_err(err)?;
         let id = s.next_id;
         s.next_id += 1;
-        s.loras.push(Lora { id, blob: file, name: name.clone(), file: Arc::clone(&lf), te: 1.0, unet: 1.0, enabled: true });
+        let lora = Lora { id, blob: file, name: name.clone(), file: Arc::clone(&lf), record, te: 1.0, unet: 1.0, enabled: true };
+        s.loras.push(lora);
         if let Err(e) = install(s).await {
             s.loras.pop();
             install(s).await?;
             return Err(e);
         }
         let summary = lf.summary(None::<MatchReport>);
-        to_js(&Card { id, name: lf.display_name(), summary, base_mismatch: base_mismatch(&lf), te: 1.0, unet: 1.0, enabled: true })
+        let base_mismatch = base_mismatch(&lf, &cfg);
+        to_js(&Card { id, name: lf.display_name(), summary, base_mismatch, te: 1.0, unet: 1.0, enabled: true })
     })
     .await
 }
 
-/// A warning when the file's metadata names a different base family than SD1.x.
-fn base_mismatch(f: &LoraFile) -> Option<String> {
+/// A warning when the adapter was made for another model family than the loaded one (Stable
+/// Diffusion 2.x when its text encoder is 1,024 wide, else 1.x).
+fn base_mismatch(f: &LoraFile, cfg: &PipelineConfig) -> Option<String> {
     use loralab::lora::BaseModel;
-    match f.base {
-        BaseModel::Sd1 | BaseModel::Unknown => None,
-        other => Some(format!("made for {}; the loaded model is Stable Diffusion 1.x", other.describe())),
+    let loaded = if cfg.unet.cross_attention_dim.at(0) == 1024 { BaseModel::Sd2 } else { BaseModel::Sd1 };
+    if f.base == BaseModel::Unknown || f.base == loaded {
+        return None;
     }
+    let why = f.base_reason.as_deref().map(|r| format!(" (from {r})")).unwrap_or_default();
+    Some(format!("made for {}{why}, but the loaded model is {}: expect weak or broken results", f.base.describe(), loaded.describe()))
+}
+
+/// What an image made now is made with: the model and the adapters (all of them, strengths
+/// left out: an X/Y grid varies them). `description` says what the image shows.
+pub(crate) fn provenance_now(description: String) -> Result<Provenance, JsValue> {
+    let s = take()?;
+    let r = match &s.model_record {
+        Some(m) => {
+            let adapters = s.loras.iter().map(|l| adapter_record(&l.file, Some(l.record.clone()), None)).collect();
+            let mut p = Provenance::new(m.clone(), adapters);
+            p.description = Some(description).filter(|d| !d.is_empty());
+            Ok(p)
+        }
+        None => Err(invalid("no model is loaded")),
+    };
+    put(s);
+    r
 }
 
 async fn install(s: &mut State) -> Result<(), JsValue> {
@@ -492,48 +541,6 @@ pub async fn embedding_add(file: Blob, name: String) -> Result<JsValue, JsValue>
         to_js(&EmbeddingInfo { token: emb.token.clone(), vectors: ids.len() })
     })
     .await
-}
-
-#[derive(Serialize)]
-struct ReadParameters {
-    prompt: String,
-    negative: String,
-    seed: Option<u64>,
-    steps: Option<usize>,
-    cfg: Option<f32>,
-    sampler: Option<String>,
-    width: Option<usize>,
-    height: Option<usize>,
-    raw: String,
-}
-
-/// Reads the A1111 `parameters` of a PNG.
-#[wasm_bindgen]
-pub fn parameters_read(file: Blob, name: String) -> Result<JsValue, JsValue> {
-    let bytes = BlobReader::new(file, name.clone()).read_all().map_err(err)?;
-    let png = loralab::io::png::decode(&bytes).map_err(|e| match e {
-        Error::Format { message, .. } => err(Error::Format { file: name.clone(), tensor: None, message }),
-        e => err(e),
-    })?;
-    let text = png.text("parameters").ok_or_else(|| {
-        err(Error::Format {
-            file: name.clone(),
-            tensor: None,
-            message: "this PNG carries no generation parameters (no `parameters` text chunk)".into(),
-        })
-    })?;
-    let p = parameters::parse(text, &name).map_err(err)?;
-    to_js(&ReadParameters {
-        prompt: p.prompt,
-        negative: p.negative,
-        seed: p.seed,
-        steps: p.steps,
-        cfg: p.cfg,
-        sampler: p.sampler.map(|s| s.name().to_string()),
-        width: p.width,
-        height: p.height,
-        raw: text.to_string(),
-    })
 }
 
 #[derive(Serialize)]

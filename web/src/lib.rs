@@ -9,9 +9,10 @@
 //! ```
 //!
 //! The text-to-image engine (`engine.rs`): `load_model`, `generate`, `lora_add`, `lora_set`,
-//! `lora_remove`, `embedding_add`, `parameters_read`, `gpu_memory`, and merging the adapters into
-//! the model's files (`merge.rs`) — files come in as Blobs and are
-//! read by byte ranges (`files.rs`), never whole into wasm memory.
+//! `lora_remove`, `embedding_add`, `gpu_memory`; PNG files (`png.rs`): `parameters_read`,
+//! `png_annotate` (the XMP packet for a canvas-drawn PNG); and merging the adapters into the
+//! model's files (`merge.rs`) — files come in as Blobs and are read by byte ranges
+//! (`files.rs`), never whole into wasm memory.
 //!
 //! Errors are thrown as `Error` objects carrying the engine's message; a missing WebGPU adapter
 //! throws one named `NoAdapterError` so the page can explain what to enable.
@@ -21,6 +22,7 @@
 mod engine;
 mod files;
 mod merge;
+mod png;
 
 use loralab::selftest;
 use loralab::{Error, Gpu, GpuOptions};

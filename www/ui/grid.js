@@ -1,6 +1,7 @@
 // X/Y grid: columns are strengths, rows are seeds (one adapter's strength varies) or adapters
 // (each alone at each strength); every cell is one `generate`, drawn with labels onto one canvas
-// that downloads as one PNG. The cards' strengths are restored afterwards.
+// that downloads as one PNG (with the engine's XMP record: AI-generated, model, adapters). The
+// cards' strengths are restored afterwards.
 import { $, el } from "./dom.js";
 import { adapters, override, restoreAll } from "./lora.js";
 import { formValid, readForm, runGenerate, fileName } from "./generate.js";
@@ -58,7 +59,7 @@ function plan(mode, base) {
   }));
 }
 
-async function draw(cells, rows, cols, width, height, axis) {
+async function draw(app, cells, rows, cols, width, height, axis) {
   const canvas = $("grid-canvas");
   const ctx = canvas.getContext("2d");
   // Labels: column values on top, row labels on the left, the axes' names in the corner.
@@ -89,7 +90,11 @@ async function draw(cells, rows, cols, width, height, axis) {
   }
   canvas.hidden = false;
   canvas.setAttribute("aria-label", `X/Y grid: ${rows.length} rows (${rows.map((r) => r.label).join(", ")}) × strengths ${cols.join(", ")}`);
-  const blob = await new Promise((ok) => canvas.toBlob(ok, "image/png"));
+  const drawn = await new Promise((ok) => canvas.toBlob(ok, "image/png"));
+  // The engine adds the XMP record every PNG it writes carries (AI-generated, model, adapters).
+  const description = `X/Y grid: strengths ${cols.join(", ")} × ${axis} ${rows.map((r) => r.label).join(", ")}`;
+  const { png } = await app.engine.call("png_annotate", { file: drawn, name: "grid.png", description });
+  const blob = new Blob([png], { type: "image/png" });
   if (gridUrl) URL.revokeObjectURL(gridUrl);
   gridUrl = URL.createObjectURL(blob);
   const link = $("grid-download");
@@ -134,7 +139,14 @@ async function renderGrid(app) {
   }
   const cells = settled.map((s) => s.value);
   const axis = $("grid-mode").value === "seeds" ? `seed (${rows[0].title})` : "adapter";
-  await draw(cells, rows, cols, cells[0].res.width, cells[0].res.height, axis);
+  try {
+    await draw(app, cells, rows, cols, cells[0].res.width, cells[0].res.height, axis);
+  } catch (err) {
+    $("grid").dataset.state = "error";
+    showError(`The grid could not be saved: ${err.message}`);
+    if (app.isFatal(err)) app.fatal(err);
+    return;
+  }
   $("grid").dataset.state = "done";
 }
 

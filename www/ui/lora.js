@@ -123,6 +123,8 @@ export function normaliseCard(c) {
     base_reason: c.base_reason ?? s.base_reason,
     base_mismatch: Boolean(mismatch),
     base_message: typeof mismatch === "string" ? mismatch : null,
+    licence: c.licence ?? s.licence ?? null,
+    trained_on: [meta.sd_model_name, meta.base_model_version].filter(Boolean),
     triggers: c.triggers ?? meta.trigger_words ?? [],
     metadata: meta,
     layers: { text_encoder: count("text_encoder"), unet: count("unet") },
@@ -131,6 +133,15 @@ export function normaliseCard(c) {
     unet: c.unet,
     enabled: c.enabled,
   };
+}
+
+/** The card's licence: name, what it allows, and whether it was inferred from the base model. */
+function licenceCell(l) {
+  if (!l) return el("dd", { class: "licence unknown" }, "unknown");
+  return el("dd", { class: `licence${l.known?.length ? "" : " unknown"}`, title: l.source },
+    el("span", { class: "licence-name" }, l.name),
+    l.inferred ? " (inferred from the model it was trained on)" : null,
+    el("span", { class: "licence-summary muted" }, ` · ${l.summary}`));
 }
 
 function metadataList(meta) {
@@ -209,7 +220,9 @@ function fillCard(app, card, value) {
       el("dt", {}, "Alpha"), el("dd", { class: "alpha" }, show(info.alphas)),
       el("dt", {}, "Size"), el("dd", {}, `${bytes(info.bytes)}${info.dtypes ? ` · ${show(info.dtypes)}` : ""}`),
       el("dt", {}, "Layers"), el("dd", {}, `text encoder ${show(layers.text_encoder ?? 0)} · UNet ${show(layers.unet ?? 0)}`),
-      el("dt", {}, "Base model"), el("dd", { class: "base" }, show(info.base), info.base_reason ? el("span", { class: "muted" }, ` (${info.base_reason})`) : null)),
+      el("dt", {}, "Base model"), el("dd", { class: "base" }, show(info.base), info.base_reason ? el("span", { class: "muted" }, ` (${info.base_reason})`) : null),
+      info.trained_on.length ? [el("dt", {}, "Trained on"), el("dd", { class: "trained-on" }, info.trained_on.join(" · "))] : null,
+      el("dt", {}, "Licence"), licenceCell(info.licence)),
     info.base_mismatch
       ? el("p", { class: "warning", role: "note" }, info.base_message
         ? `Base model: ${info.base_message}.`

@@ -23,6 +23,26 @@ function progress(e) {
   $("model-progress-label").textContent = `${what || "Loading"}${pct}`;
 }
 
+/** The model panel's licence line: name, what it allows, where it was found, a link to its text. */
+function showLicence(licence) {
+  const line = $("model-licence");
+  if (!licence) {
+    line.hidden = true;
+    return;
+  }
+  const unknown = !licence.known?.length;
+  line.classList.toggle("unknown", unknown);
+  const link = licence.url?.startsWith("https://")
+    ? [" ", el("a", { href: licence.url, target: "_blank", rel: "noopener noreferrer" }, "Read the licence")]
+    : [];
+  line.replaceChildren(
+    "Licence: ", el("span", { class: "licence-name" }, licence.name), ` · ${licence.summary}`,
+    el("span", { class: "muted" }, ` (${licence.inferred ? "inferred: " : "from "}${licence.source})`),
+    ...link,
+  );
+  line.hidden = false;
+}
+
 function describeSource(s) {
   if (s.source === "demo") return "the demo model";
   if (s.source === "url") return s.url;
@@ -45,6 +65,7 @@ export async function loadModel(app, source) {
     panel.dataset.state = "loaded";
     const size = value.default_width && value.default_height ? ` · ${value.default_width}×${value.default_height}` : "";
     $("model-current").textContent = `${value.name} · ${value.weights} · ${bytes(value.bytes)}${size}`;
+    showLicence(value.licence);
     app.onModel?.(value);
     if (source.source === "url") refreshCache(app);
   } catch (err) {
