@@ -188,7 +188,10 @@ pub fn transposed_product(gpu: &Gpu, a: &Tensor, b: &Tensor, alpha: f32) -> Resu
         return Err(shape_err(OP, format!("needs a [rows, P] and b [rows, Q], got {sa:?} and {sb:?}")));
     }
     let (rows, p, q) = (a.dim(0), a.dim(1), b.dim(1));
-    let tiles = Tiles::choose(gpu.caps(), p);
+    // At least 16 rows per tile: Mesa 22.3's lavapipe leaks about 1 MB of host memory per
+    // dispatch of the 8-row matmul variant (BM = 8), which a training run dispatches twice per
+    // adapter per micro-batch.
+    let tiles = Tiles::choose(gpu.caps(), p.max(16));
     let chunks = row_chunks(rows, p.div_ceil(tiles.bm) * q.div_ceil(tiles.bn));
     let len = rows / chunks;
     let at = transpose_last2(gpu, &a.reshape(&[chunks, len, p])?)?;
