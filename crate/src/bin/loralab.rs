@@ -11,6 +11,8 @@ mod generate;
 mod lora;
 #[path = "loralab/merge.rs"]
 mod merge;
+#[path = "loralab/train.rs"]
+mod train;
 
 use loralab::selftest::{self, DeviceInfo, SelfTestReport};
 use loralab::{Gpu, GpuOptions};
@@ -30,7 +32,7 @@ Usage:
                                         one SD1.5 UNet step (64x64 latents, batch 2) per weight type
                                         with random weights: time and peak memory, plus the whole
                                         512x512 pipeline's peak memory
-{BENCH_LORA}{EVAL}{GENERATE}{LORA}{MERGE}  loralab help                          this text
+{BENCH_LORA}{EVAL}{GENERATE}{LORA}{MERGE}{TRAIN}  loralab help                          this text
 
 Options:
   --json    machine-readable output on stdout
@@ -43,7 +45,7 @@ Environment:
 ";
 
 fn usage() -> String {
-    USAGE.replace("{BENCH_LORA}", bench_lora::USAGE).replace("{EVAL}", eval::USAGE).replace("{GENERATE}", generate::USAGE).replace("{LORA}", lora::USAGE).replace("{MERGE}", merge::USAGE)
+    USAGE.replace("{BENCH_LORA}", bench_lora::USAGE).replace("{EVAL}", eval::USAGE).replace("{GENERATE}", generate::USAGE).replace("{LORA}", lora::USAGE).replace("{MERGE}", merge::USAGE).replace("{TRAIN}", train::USAGE)
 }
 
 /// Options shared by the subcommands.
@@ -339,6 +341,7 @@ fn main() -> ExitCode {
         "generate" => generate::run(rest),
         "lora" => lora::run(rest),
         "merge" => merge::run(rest),
+        "train" => train::run(rest),
         "help" | "--help" | "-h" => {
             out(&usage());
             Ok(ExitCode::SUCCESS)

@@ -18,4 +18,5 @@
 pub mod data;
 pub mod export;
 pub mod handoff;
+pub mod trainer;
 pub mod zip;
