@@ -7,6 +7,7 @@
 //! The clock is passed in so the same code runs natively and in a browser.
 
 pub mod lora;
+pub mod train;
 pub mod unet;
 
 use crate::error::Result;

@@ -3,6 +3,8 @@
 
 #[path = "loralab/bench_lora.rs"]
 mod bench_lora;
+#[path = "loralab/bench_train.rs"]
+mod bench_train;
 #[path = "loralab/eval.rs"]
 mod eval;
 #[path = "loralab/generate.rs"]
@@ -32,7 +34,7 @@ Usage:
                                         one SD1.5 UNet step (64x64 latents, batch 2) per weight type
                                         with random weights: time and peak memory, plus the whole
                                         512x512 pipeline's peak memory
-{BENCH_LORA}{EVAL}{GENERATE}{LORA}{MERGE}{TRAIN}  loralab help                          this text
+{BENCH_LORA}{BENCH_TRAIN}{EVAL}{GENERATE}{LORA}{MERGE}{TRAIN}  loralab help                          this text
 
 Options:
   --json    machine-readable output on stdout
@@ -45,7 +47,7 @@ Environment:
 ";
 
 fn usage() -> String {
-    USAGE.replace("{BENCH_LORA}", bench_lora::USAGE).replace("{EVAL}", eval::USAGE).replace("{GENERATE}", generate::USAGE).replace("{LORA}", lora::USAGE).replace("{MERGE}", merge::USAGE).replace("{TRAIN}", train::USAGE)
+    USAGE.replace("{BENCH_LORA}", bench_lora::USAGE).replace("{BENCH_TRAIN}", bench_train::USAGE).replace("{EVAL}", eval::USAGE).replace("{GENERATE}", generate::USAGE).replace("{LORA}", lora::USAGE).replace("{MERGE}", merge::USAGE).replace("{TRAIN}", train::USAGE)
 }
 
 /// Options shared by the subcommands.
@@ -224,13 +226,14 @@ fn run_selftest(args: &[String]) -> Result<ExitCode, String> {
 fn run_bench(args: &[String]) -> Result<ExitCode, String> {
     let (what, rest) = match args.split_first() {
         Some((w, r)) if !w.starts_with("--") => (w.as_str(), r),
-        _ => return Err("`loralab bench` needs a suite: `loralab bench kernels`, `loralab bench unet` or `loralab bench lora`".to_string()),
+        _ => return Err("`loralab bench` needs a suite: `loralab bench kernels`, `loralab bench unet`, `loralab bench lora` or `loralab bench train`".to_string()),
     };
     match what {
         "kernels" => {}
         "unet" => return run_bench_unet(rest),
         "lora" => return bench_lora::run(rest),
-        _ => return Err(format!("`loralab bench {what}`: unknown suite (available: kernels, unet, lora)")),
+        "train" => return bench_train::run(rest),
+        _ => return Err(format!("`loralab bench {what}`: unknown suite (available: kernels, unet, lora, train)")),
     }
     let mut flags = Flags::default();
     let mut opts = loralab::bench::BenchOptions::default();
