@@ -10,6 +10,7 @@ import { initModel, loadDefaultModel, loadModelFiles, refreshCache } from "./ui/
 import { initGenerate, restoreParameters } from "./ui/generate.js";
 import { initLoras, addLoras } from "./ui/lora.js";
 import { initGrid } from "./ui/grid.js";
+import { initTrain } from "./ui/train.js";
 
 const setState = (s) => { document.documentElement.dataset.state = s; };
 
@@ -58,6 +59,9 @@ function showActivity() {
     lora_set: "setting strengths", lora_remove: "removing an adapter", self_test: "running the self-test",
     embedding_add: "reading an embedding", parameters_read: "reading PNG parameters", png_annotate: "writing the grid PNG",
     cache_list: "listing cached models", cache_remove: "removing a cached model", device: "reading device info",
+    train_saved: "reading the saved training run", train_start: "starting training", train_resume: "resuming training",
+    train_step: "training", train_cancel: "cancelling training", train_discard: "discarding the training run",
+    train_export: "exporting the LoRA", train_handoff: "writing the hand-off zip",
   };
   const model = app.model ? `Model: ${app.model.name} (${app.model.weights})` : "No model loaded";
   const busy = e.current ? ` · ${NAMES[e.current] ?? e.current}${e.waiting ? ` (${e.waiting} queued)` : ""}…` : " · ready";
@@ -90,6 +94,8 @@ function initDrop() {
     depth = 0;
     document.body.classList.remove("dragging");
     if (document.documentElement.dataset.state !== "ready") return;
+    // The training panel's image column takes its own drops (PNGs are training images there).
+    if (e.target.closest?.("#train-data")) return;
     const files = [...e.dataTransfer.files];
     const png = files.find((f) => ext(f.name) === "png" || f.type === "image/png");
     if (png) restoreParameters(app, png);
@@ -140,6 +146,7 @@ async function main() {
   initGenerate(app);
   initLoras(app);
   initGrid(app);
+  initTrain(app);
   initDrop();
   if (!navigator.gpu) {
     showUnavailable("navigator.gpu is not defined: WebGPU is switched off or not supported in this browser.");

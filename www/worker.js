@@ -6,6 +6,7 @@ import load, {
   init, self_test, version, load_model, generate, lora_add, lora_set, lora_remove,
   embedding_add, parameters_read, png_annotate, gpu_memory, merge_outputs, merge_write,
 } from "./loralab-web.js";
+import { trainCommands } from "./train-worker.js";
 
 const loaded = load();
 
@@ -366,6 +367,9 @@ const commands = {
     };
   },
 };
+
+// Training a LoRA (train-worker.js): train_saved, train_start, train_resume, train_step, …
+Object.assign(commands, trainCommands({ opfsDir, currentId: () => current, userError }));
 
 const TRANSFER = (value) => (value?.png instanceof Uint8Array ? [value.png.buffer] : []);
 

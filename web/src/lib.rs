@@ -13,6 +13,8 @@
 //! `png_annotate` (the XMP packet for a canvas-drawn PNG); and merging the adapters into the
 //! model's files (`merge.rs`) — files come in as Blobs and are read by byte ranges
 //! (`files.rs`), never whole into wasm memory.
+//! Training a LoRA step by step (`train.rs`): `train_start`, `train_step`, `train_samples`,
+//! `train_save_state`, `train_export`, `train_handoff`, `train_cancel`.
 //!
 //! Errors are thrown as `Error` objects carrying the engine's message; a missing WebGPU adapter
 //! throws one named `NoAdapterError` so the page can explain what to enable.
@@ -23,6 +25,7 @@ mod engine;
 mod files;
 mod merge;
 mod png;
+mod train;
 
 use loralab::selftest;
 use loralab::{Error, Gpu, GpuOptions};
