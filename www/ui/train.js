@@ -151,16 +151,17 @@ async function showSavedRun(app) {
     if (app.isFatal(err)) app.fatal(err);
     return;
   }
-  st.saved = saved;
   if (!saved) {
+    st.saved = null;
     update();
     return;
   }
+  // The offer appears (st.saved, update) only once the whole run is on screen: the dataset
+  // decodes asynchronously, and an offer above an empty curve would invite a click too early.
   resetView();
   fillSettings(saved.settings);
   $("train-consent-images").checked = Boolean(saved.consent?.images);
   $("train-consent-likeness").checked = Boolean(saved.consent?.likeness);
-  await showSaved(saved.files);
   setLosses(saved.losses);
   addSamples(saved.samples);
   st.checkpoints = saved.checkpoints;
@@ -168,6 +169,8 @@ async function showSavedRun(app) {
   for (const e of saved.exports) addDownload(e, e.name.endsWith(".zip") ? "Hand-off" : "LoRA");
   const last = saved.losses.at(-1);
   if (last) showStats({ step: last[0], steps: saved.settings.steps, loss: last[1], loss_avg: last[2], lr: last[3], finished: saved.finished });
+  await showSaved(saved.files);
+  st.saved = saved;
   status(saved.cancelled ? "The saved run was cancelled." : saved.finished ? "The saved run is finished."
     : `The saved run stopped; its last checkpoint is at step ${saved.checkpoints.at(-1)?.step ?? 0}.`);
   update();
