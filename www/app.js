@@ -11,6 +11,7 @@ import { initGenerate, restoreParameters } from "./ui/generate.js";
 import { initLoras, addLoras } from "./ui/lora.js";
 import { initGrid } from "./ui/grid.js";
 import { initTrain } from "./ui/train.js";
+import { initClassroom } from "./ui/classroom.js";
 
 const setState = (s) => { document.documentElement.dataset.state = s; };
 
@@ -62,6 +63,8 @@ function showActivity() {
     train_saved: "reading the saved training run", train_start: "starting training", train_resume: "resuming training",
     train_step: "training", train_cancel: "cancelling training", train_discard: "discarding the training run",
     train_export: "exporting the LoRA", train_handoff: "writing the hand-off zip",
+    lora_layers: "listing adapter layers", lora_spectrum: "computing a spectrum", lora_resize: "resizing an adapter",
+    param_counts: "counting parameters", set_block_weights: "setting block weights", lora_delta_map: "computing a weight map",
   };
   const model = app.model ? `Model: ${app.model.name} (${app.model.weights})` : "No model loaded";
   const busy = e.current ? ` · ${NAMES[e.current] ?? e.current}${e.waiting ? ` (${e.waiting} queued)` : ""}…` : " · ready";
@@ -147,6 +150,7 @@ async function main() {
   initLoras(app);
   initGrid(app);
   initTrain(app);
+  initClassroom(app);
   initDrop();
   if (!navigator.gpu) {
     showUnavailable("navigator.gpu is not defined: WebGPU is switched off or not supported in this browser.");

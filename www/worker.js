@@ -213,13 +213,14 @@ async function dirSize(dir) {
   return n;
 }
 
-// The bundled demo model (www/models/demo), relative to the page.
-async function loadDemo(weights, progress) {
+// The bundled demo model (www/models/demo), relative to the page; `replace` ({path: Blob}) swaps
+// some of its files (the classroom loads the demo with merged weights this way).
+async function loadDemo(weights, progress, replace = {}) {
   const base = "models/demo/";
   const probe = await fetchOk(new URL(`${base}model_index.json`, self.location.href).href);
   if (!probe.ok) throw userError("the bundled demo model is missing from this build (models/demo/)");
   const files = await fetchFolder(new URL(base, self.location.href).href, progress, null, ["MODEL_CARD.md"]);
-  return load_model(files, "demo", "demo", weights);
+  return load_model({ ...files, ...replace }, "demo", "demo", weights);
 }
 
 // Picked or dropped files by their path inside the folder (`paths[i]` from the page for
@@ -243,10 +244,10 @@ const commands = {
   },
   self_test,
   version,
-  async load_model({ source, files, paths, url, weights = "f16" }) {
+  async load_model({ source, files, paths, url, weights = "f16", replace }) {
     const id = current;
     const progress = (p) => self.postMessage({ id, event: "progress", ...p });
-    if (source === "demo") return loadDemo(weights, progress);
+    if (source === "demo") return loadDemo(weights, progress, replace);
     if (source === "files") {
       const map = fileMap(files ?? [], paths);
       const name = Object.keys(map).length === 1 ? Object.keys(map)[0] : (Object.keys(map)[0] ?? "model").split("/")[0];

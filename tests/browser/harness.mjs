@@ -48,9 +48,9 @@ export function launch({ webgpu }) {
 /**
  * Opens `origin` in a new context of `browser`. `problems` collects what a clean run must not
  * have; `allowed` is the set of origins requests may go to (more can be added later);
- * `requests` lists every request URL.
+ * `requests` lists every request URL. `path` is the page's path and fragment (`/#classroom/…`).
  */
-export async function openApp(browser, origin, { viewport = { width: 1280, height: 800 } } = {}) {
+export async function openApp(browser, origin, { viewport = { width: 1280, height: 800 }, path = "/" } = {}) {
   const context = await browser.newContext({ viewport, acceptDownloads: true });
   const page = await context.newPage();
   const problems = [];
@@ -75,7 +75,7 @@ export async function openApp(browser, origin, { viewport = { width: 1280, heigh
   context.on("response", (r) => {
     if (r.status() >= 400) problems.push(`HTTP ${r.status()}: ${r.url()}`);
   });
-  await page.goto(`${origin}/`);
+  await page.goto(`${origin}${path}`);
   return { context, page, problems, requests, allowed };
 }
 

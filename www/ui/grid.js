@@ -59,18 +59,24 @@ function plan(mode, base) {
   }));
 }
 
-async function draw(app, cells, rows, cols, width, height, axis) {
-  const canvas = $("grid-canvas");
+/**
+ * Draws a labelled grid onto `canvas`: `cells` [{row, col, blob}] (PNG blobs of `width` ×
+ * `height`, drawn `scale` times larger without smoothing), column labels on top, row labels on
+ * the left and the two axes' names (`corner`: [columns, rows]) in the top-left corner.
+ * `outline(row, col)` may return a colour to frame a cell with. The cells' geometry goes into
+ * the canvas's data attributes (`left`, `top`, `cellWidth`, `cellHeight`, `rows`, `cols`).
+ */
+export async function drawLabelledGrid(canvas, { cells, rows, cols, width, height, corner, scale = 1, outline = null }) {
   const ctx = canvas.getContext("2d");
-  // Labels: column values on top, row labels on the left, the axes' names in the corner.
-  const font = Math.max(12, Math.min(28, Math.round(Math.min(width, height) / 12)));
+  const w = width * scale;
+  const h = height * scale;
+  const font = Math.max(12, Math.min(28, Math.round(Math.min(w, h) / 12)));
   const setFont = () => { ctx.font = `${font}px system-ui, sans-serif`; };
   setFont();
-  const corner = [`strength →`, `${axis} ↓`];
-  const left = Math.ceil(Math.max(...[...rows.map((r) => r.label), ...corner].map((t) => ctx.measureText(t).width))) + font;
+  const left = Math.ceil(Math.max(...[...rows, ...corner].map((t) => ctx.measureText(String(t)).width))) + font;
   const top = Math.round(font * 3);
-  canvas.width = left + cols.length * width;
-  canvas.height = top + rows.length * height;
+  canvas.width = left + cols.length * w;
+  canvas.height = top + rows.length * h;
   ctx.fillStyle = "#ffffff";
   ctx.fillRect(0, 0, canvas.width, canvas.height);
   ctx.fillStyle = "#111111";
@@ -80,21 +86,38 @@ async function draw(app, cells, rows, cols, width, height, axis) {
   ctx.fillText(corner[0], font / 2, top * 0.3);
   ctx.fillText(corner[1], font / 2, top * 0.72);
   ctx.textAlign = "center";
-  cols.forEach((x, c) => ctx.fillText(String(x), left + c * width + width / 2, top / 2, width - 4));
+  cols.forEach((x, c) => ctx.fillText(String(x), left + c * w + w / 2, top / 2, w - 4));
   ctx.textAlign = "right";
-  rows.forEach((r, i) => ctx.fillText(r.label, left - font / 2, top + i * height + height / 2));
+  rows.forEach((r, i) => ctx.fillText(String(r), left - font / 2, top + i * h + h / 2));
+  ctx.imageSmoothingEnabled = scale === 1;
   for (const { row, col, blob } of cells) {
     const bitmap = await createImageBitmap(blob);
-    ctx.drawImage(bitmap, left + col * width, top + row * height, width, height);
+    ctx.drawImage(bitmap, left + col * w, top + row * h, w, h);
     bitmap.close();
+    const colour = outline?.(row, col);
+    if (colour) {
+      ctx.strokeStyle = colour;
+      ctx.lineWidth = Math.max(2, Math.round(scale * 1.5));
+      ctx.strokeRect(left + col * w + ctx.lineWidth / 2, top + row * h + ctx.lineWidth / 2, w - ctx.lineWidth, h - ctx.lineWidth);
+    }
   }
+  Object.assign(canvas.dataset, { left, top, cellWidth: w, cellHeight: h, rows: rows.length, cols: cols.length });
+}
+
+/** The canvas as a PNG Blob with the engine's XMP record (AI-generated, model, adapters) and `description`. */
+export async function annotatedPng(app, canvas, name, description) {
+  const drawn = await new Promise((ok) => canvas.toBlob(ok, "image/png"));
+  const { png } = await app.engine.call("png_annotate", { file: drawn, name, description });
+  return new Blob([png], { type: "image/png" });
+}
+
+async function draw(app, cells, rows, cols, width, height, axis) {
+  const canvas = $("grid-canvas");
+  await drawLabelledGrid(canvas, { cells, rows: rows.map((r) => r.label), cols, width, height, corner: ["strength →", `${axis} ↓`] });
   canvas.hidden = false;
   canvas.setAttribute("aria-label", `X/Y grid: ${rows.length} rows (${rows.map((r) => r.label).join(", ")}) × strengths ${cols.join(", ")}`);
-  const drawn = await new Promise((ok) => canvas.toBlob(ok, "image/png"));
-  // The engine adds the XMP record every PNG it writes carries (AI-generated, model, adapters).
   const description = `X/Y grid: strengths ${cols.join(", ")} × ${axis} ${rows.map((r) => r.label).join(", ")}`;
-  const { png } = await app.engine.call("png_annotate", { file: drawn, name: "grid.png", description });
-  const blob = new Blob([png], { type: "image/png" });
+  const blob = await annotatedPng(app, canvas, "grid.png", description);
   if (gridUrl) URL.revokeObjectURL(gridUrl);
   gridUrl = URL.createObjectURL(blob);
   const link = $("grid-download");
