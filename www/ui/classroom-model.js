@@ -4,7 +4,7 @@
 import { el } from "./dom.js";
 import { adapters as cards, override, restoreAll } from "./lora.js";
 import {
-  IMAGE_DEFAULTS, adapter, adapterChoices, bundled, demoModel, difference, input, numbers, pixels, select, showGrid,
+  IMAGE_DEFAULTS, adapter, adapterChoices, addMade, bundled, demoModel, difference, input, numbers, pixels, select, showGrid,
 } from "./classroom-core.js";
 import { base, coalesce, fmt, imageControls, images } from "./classroom-images.js";
 
@@ -196,38 +196,73 @@ const blocks = {
 
 // --- 8. overfitting ----------------------------------------------------------------------------------
 
+/**
+ * The checkpoints to lay out: the training panel's saved run when it finished on the demo model
+ * and kept two or more checkpoints (`from=run`, or `auto`), else the bundled rank-4 heart run.
+ * [{key, steps, strength, file?}] by step; `strength` makes up for a checkpoint's missing alpha
+ * (its tensors apply at scale 1, the run's is α/r).
+ */
+async function checkpoints(app, from) {
+  if (from !== "bundled") {
+    const run = await app.engine.call("train_saved").catch(() => null);
+    const usable = run?.finished && run.model?.name === "demo" && (run.checkpoints?.length ?? 0) >= 2;
+    if (usable) {
+      const scale = Number(run.settings.alpha) / Number(run.settings.rank);
+      return {
+        from: "run",
+        trigger: run.settings.trigger,
+        list: run.checkpoints.map((c) => ({ key: `run ${run.started_at} ${c.step}`, steps: c.step, strength: scale, file: c.file, rank: Number(run.settings.rank) })),
+      };
+    }
+    if (from === "run") throw new Error("this browser has no finished training run on the demo model with two or more checkpoints (train one in the studio's training panel)");
+  }
+  const all = (await bundled()).filter((b) => b.role === "checkpoint" || b.key === "rank4");
+  return { from: "bundled", trigger: "sks", list: all.map((b) => ({ key: b.key, steps: b.steps, strength: 1 })) };
+}
+
 const overfit = {
   id: "overfit",
   title: "Overfitting",
   intro: "Training saves the adapter every few steps. Early on it has not learned the heart yet; later it draws "
     + "hearts when the trigger word sks is in the prompt. Trained too long, it starts drawing hearts (or breaking "
     + "the picture) even without the trigger word: it has overfitted, and an earlier checkpoint is the better one.",
-  defaults: { at: "", ...IMAGE_DEFAULTS, prompt: "a yellow sks shape on a purple background" },
+  defaults: { from: "auto", at: "", ...IMAGE_DEFAULTS, prompt: "a yellow sks shape on a purple background" },
   async mount(ctx) {
     const { app, params, controls, results } = ctx;
     const grid = el("div");
-    results.replaceChildren(grid);
+    const note = el("p", { class: "hint" });
+    results.replaceChildren(grid, note);
     const run = coalesce(ctx, async () => {
-      const all = (await bundled()).filter((b) => b.role === "checkpoint" || b.key === "rank4").sort((x, y) => x.steps - y.steps);
+      await demoModel(app, grid);
+      const source = await checkpoints(app, params.from);
+      const all = source.list.sort((x, y) => x.steps - y.steps);
       const steps = params.at ? numbers(params.at, "step", { min: 0, max: 1e7, count: 6 }) : all.map((c) => c.steps);
       const chosen = steps.map((n) => all.find((c) => c.steps === n) ?? (() => {
-        throw new Error(`no bundled checkpoint at step ${n} (there are: ${all.map((c) => c.steps).join(", ")})`);
+        throw new Error(`no checkpoint at step ${n} (there are: ${all.map((c) => c.steps).join(", ")})`);
       })());
-      await demoModel(app, grid);
-      const ids = await Promise.all(chosen.map((c) => adapter(app, c.key)));
+      const ids = await Promise.all(chosen.map((c) => (c.file
+        ? addMade(app, c.key, c.file, `${c.key}.safetensors`, { rank: c.rank, alpha: null })
+        : adapter(app, c.key))));
       const b = base(params);
-      const without = b.prompt.replace(/\bsks\s*/g, "").replace(/\s+/g, " ").trim();
-      const jobs = [b.prompt, without].flatMap((prompt) => ids.map((a) => ({ ...b, prompt, adapters: [[a, 1]] })));
+      const escaped = source.trigger.replace(/[.*+?^${}()|[\]\\]/g, "\\$&");
+      const word = new RegExp(`\\b${escaped}\\s*`, "g");
+      const without = b.prompt.replace(word, "").replace(/\s+/g, " ").trim();
+      const jobs = [b.prompt, without].flatMap((prompt) => ids.map((a, i) => ({ ...b, prompt, adapters: [[a, chosen[i].strength]] })));
       const out = await images(ctx, jobs, "checkpoints × prompts");
       if (!ctx.live()) return;
       await showGrid(app, grid, {
         cells: out.map((r, i) => ({ row: Math.floor(i / ids.length), col: i % ids.length, ...r })),
-        rows: ["with sks", "without sks"], cols: chosen.map((c) => `step ${c.steps}`),
+        rows: [`with ${source.trigger}`, `without ${source.trigger}`], cols: chosen.map((c) => `step ${c.steps}`),
         corner: ["training step →", "prompt ↓"], title: "Checkpoints over steps", file: "overfitting.png",
       });
+      note.textContent = source.from === "run"
+        ? "Checkpoints of the training run saved in this browser (the training panel keeps the last five)."
+        : "Checkpoints of the bundled rank-4 heart run (www/adapters/README.md).";
     });
     controls.replaceChildren(
-      input("Checkpoints (steps; empty: all)", params.at, (v) => { ctx.set({ at: v }); run(); }, { inputmode: "numeric" }),
+      select("Checkpoints from", [["auto", "my training run if finished, else the bundled run"], ["run", "my training run"], ["bundled", "the bundled run"]],
+        params.from, (v) => { ctx.set({ from: v }); run(); }),
+      input("Steps to show (empty: all)", params.at, (v) => { ctx.set({ at: v }); run(); }, { inputmode: "numeric" }),
       ...imageControls(ctx, run),
     );
     await run();
