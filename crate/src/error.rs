@@ -23,6 +23,8 @@ pub enum Error {
     DType { op: &'static str, message: String },
     /// A buffer would exceed what the device allows.
     TooLarge { what: String, bytes: u64, limit: u64 },
+    /// The device (or the configured memory limit) could not provide `bytes` more bytes for `what`.
+    OutOfMemory { what: String, bytes: u64, message: String },
     /// Copying results back from the GPU failed.
     Readback(String),
     /// A host-side argument is invalid (e.g. data length does not match the shape).
@@ -53,6 +55,12 @@ impl fmt::Display for Error {
                 f,
                 "{what} needs {bytes} bytes but this GPU allows at most {limit} bytes per buffer; \
                  use a smaller image or tensor size, or a quantized weight type for weights"
+            ),
+            Error::OutOfMemory { what, bytes, message } => write!(
+                f,
+                "the GPU ran out of memory allocating {bytes} bytes for {what} ({message}); \
+                 use a smaller image size or a smaller weight type (q8_0 or q4_0), and close \
+                 other pages or programs that use the GPU"
             ),
             Error::Readback(m) => write!(f, "reading results from the GPU failed: {m}"),
             Error::Invalid(m) => write!(f, "invalid argument: {m}"),

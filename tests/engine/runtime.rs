@@ -129,3 +129,76 @@ fn device_loss_is_reported() {
     let r = loralab::ops::elementwise::silu(&gpu, &x).and_then(|y| block(y.to_f32(&gpu)));
     assert!(matches!(r, Err(Error::DeviceLost(_))), "{r:?}");
 }
+
+#[test]
+fn device_loss_completes_the_lost_future_and_a_new_device_works() {
+    let gpu = block(loralab::Gpu::new(Default::default())).unwrap();
+    let waiting = gpu.lost();
+    gpu.destroy();
+    let _ = gpu.device.poll(wgpu::PollType::wait_indefinitely());
+    let why = block(waiting);
+    assert!(why.contains("Destroyed"), "{why}");
+    // Asked after the loss, it completes at once with the same reason.
+    assert_eq!(block(gpu.lost()), why);
+    assert!(matches!(gpu.check_lost(), Err(Error::DeviceLost(_))));
+    // A device opened afterwards computes as before.
+    let fresh = block(loralab::Gpu::new(Default::default())).unwrap();
+    let x = Tensor::from_f32(&fresh, &[3], &[-1.0, 0.0, 2.0]).unwrap();
+    let y = block(loralab::ops::elementwise::silu(&fresh, &x).unwrap().to_f32(&fresh)).unwrap();
+    let want: Vec<f32> = [-1.0f32, 0.0, 2.0].iter().map(|v| v / (1.0 + (-v).exp())).collect();
+    assert_nmse("silu after a device loss", &y, &want, F32_BOUND);
+}
+
+#[test]
+fn memory_limit_is_an_out_of_memory_error_before_allocating() {
+    const MIB: usize = 1 << 20;
+    let gpu = block(loralab::Gpu::new(loralab::GpuOptions { memory_limit: Some(32 << 20), ..Default::default() })).unwrap();
+    let a = Tensor::empty(&gpu, &[5 * MIB]).unwrap(); // 20 MiB
+    let before = gpu.memory().live_bytes;
+    let e = Tensor::empty(&gpu, &[4 * MIB]).unwrap_err(); // 16 MiB more
+    match &e {
+        Error::OutOfMemory { bytes, message, .. } => {
+            assert_eq!(*bytes, 16 << 20);
+            assert!(message.contains("33554432-byte memory limit"), "{message}");
+        }
+        other => panic!("expected OutOfMemory, got {other:?}"),
+    }
+    let text = e.to_string();
+    assert!(text.contains("smaller image size") && text.contains("q4_0"), "{text}");
+    assert_eq!(gpu.memory().live_bytes, before, "nothing was allocated");
+    // Once the first tensor is gone (its buffer kept for reuse), the pool makes room.
+    drop(a);
+    let b = Tensor::from_f32(&gpu, &[4 * MIB], &vec![0.5; 4 * MIB]).unwrap();
+    let y = block(loralab::ops::elementwise::silu(&gpu, &b).unwrap().to_f32(&gpu)).unwrap();
+    assert!((y[4 * MIB - 1] - 0.5 / (1.0 + (-0.5f32).exp())).abs() < 1e-6);
+    // 16 MiB live and 16 MiB kept: 20 MiB more do not fit; without the limit they do.
+    let e = Tensor::empty(&gpu, &[5 * MIB]).unwrap_err();
+    assert!(matches!(e, Error::OutOfMemory { .. }), "{e:?}");
+    gpu.set_memory_limit(None);
+    Tensor::empty(&gpu, &[5 * MIB]).unwrap();
+}
+
+#[test]
+fn a_generation_past_the_memory_limit_fails_and_the_next_one_works() {
+    use loralab::pipeline::{GenerateOptions, StableDiffusionPipeline, StepProgress, WeightPlan};
+    let gpu = block(loralab::Gpu::new(Default::default())).unwrap();
+    let folder = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../tests/fixtures/models/tiny-sd15-a");
+    let ck = loralab::model::checkpoint::open_path(&folder, None).unwrap();
+    let pipe = StableDiffusionPipeline::load(&gpu, ck, WeightPlan::new(DType::F16)).unwrap();
+    let opts = GenerateOptions { prompt: "a red cube".into(), steps: 2, seed: 5, ..Default::default() };
+    let run = |o: &GenerateOptions| block(pipe.generate(&gpu, o, &mut |_: &StepProgress<'_>| {}));
+    let first = run(&opts).unwrap();
+    // Room for the weights and twice the 64x64 generation's activations; 16 times the pixels
+    // need far more.
+    gpu.trim();
+    let m = gpu.memory();
+    gpu.set_memory_limit(Some(m.live_bytes + 2 * (m.peak_live_bytes - m.live_bytes)));
+    let big = GenerateOptions { width: Some(256), height: Some(256), ..opts.clone() };
+    match run(&big) {
+        Err(e @ Error::OutOfMemory { .. }) => assert!(e.to_string().contains("smaller image size"), "{e}"),
+        other => panic!("expected OutOfMemory, got {:?}", other.map(|o| o.image_shape)),
+    }
+    gpu.trim();
+    let again = run(&opts).unwrap();
+    assert_eq!(first.image, again.image, "the same image after the failed generation");
+}

@@ -12,6 +12,12 @@ pub struct GpuOptions {
     pub disable_subgroups: bool,
     /// Prefer a low-power adapter (integrated GPU) over a discrete one.
     pub low_power: bool,
+    /// A ceiling on the GPU bytes held by tensors (live plus kept for reuse): an allocation
+    /// that would pass it fails with `Error::OutOfMemory` before any buffer is created. WebGPU
+    /// does not tell how much memory an adapter has; this lets a caller stay inside a known
+    /// budget (and tests exercise the out-of-memory path). `None`: only the device's own
+    /// out-of-memory errors stop an allocation.
+    pub memory_limit: Option<u64>,
 }
 
 /// What the device can do, as the kernels need to know it.

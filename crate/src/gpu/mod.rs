@@ -20,6 +20,15 @@ use crate::shader::Defines;
 use std::sync::{Arc, Mutex};
 use wgpu::util::DeviceExt;
 
+/// Fresh buffers of at least this many bytes are created inside an out-of-memory error scope
+/// (smaller ones cannot plausibly fail alone, and every scope costs a round trip in browsers).
+const OOM_SCOPE_BYTES: u64 = 16 << 20;
+
+/// An out-of-memory scope around a buffer's creation that the browser resolves later:
+/// (what it was for, bytes, the buffer, the scope's result).
+#[cfg(target_arch = "wasm32")]
+type AllocScope = (String, u64, wgpu::Buffer, std::pin::Pin<Box<dyn std::future::Future<Output = Option<wgpu::Error>>>>);
+
 /// Passes recorded before the encoder is submitted on its own.
 const PASSES_PER_SUBMIT: u32 = 128;
 
@@ -54,8 +63,14 @@ pub struct Gpu {
     uniforms: wgpu::Buffer,
     errors: Arc<Mutex<Vec<String>>>,
     lost: Arc<Mutex<Option<String>>>,
+    /// Futures completed with the reason when the device is lost.
+    lost_waiters: Arc<Mutex<Vec<readback::Sender<String>>>>,
+    /// `GpuOptions::memory_limit` in bytes; 0: none.
+    memory_limit: std::sync::atomic::AtomicU64,
     #[cfg(target_arch = "wasm32")]
     scopes: std::cell::RefCell<Vec<pipeline::PendingScope>>,
+    #[cfg(target_arch = "wasm32")]
+    alloc_scopes: std::cell::RefCell<Vec<AllocScope>>,
 }
 
 fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
@@ -74,10 +89,16 @@ impl Gpu {
                 lock(&errors).push(e.to_string());
             }));
         }
+        let lost_waiters: Arc<Mutex<Vec<readback::Sender<String>>>> = Arc::default();
         {
             let lost = Arc::clone(&lost);
+            let waiters = Arc::clone(&lost_waiters);
             o.device.set_device_lost_callback(move |reason, msg| {
-                *lock(&lost) = Some(format!("{reason:?}: {msg}"));
+                let why = format!("{reason:?}: {msg}");
+                *lock(&lost) = Some(why.clone());
+                for w in std::mem::take(&mut *lock(&waiters)) {
+                    w.send(why.clone());
+                }
             });
         }
         // Keep at most a quarter of the largest buffer (min 256 MiB) of freed buffers for reuse.
@@ -100,8 +121,12 @@ impl Gpu {
             uniforms,
             errors,
             lost,
+            lost_waiters,
+            memory_limit: opts.memory_limit.unwrap_or(0).into(),
             #[cfg(target_arch = "wasm32")]
             scopes: Default::default(),
+            #[cfg(target_arch = "wasm32")]
+            alloc_scopes: Default::default(),
         })
     }
 
@@ -160,14 +185,67 @@ impl Gpu {
         self.device.destroy();
     }
 
-    /// A storage buffer of `bytes` bytes from the pool, refusing sizes the device cannot bind.
+    /// Changes `GpuOptions::memory_limit` (`None`: no limit); buffers held now stay.
+    pub fn set_memory_limit(&self, bytes: Option<u64>) {
+        self.memory_limit.store(bytes.unwrap_or(0), std::sync::atomic::Ordering::Relaxed);
+    }
+
+    /// Completes with the reason once the device is lost (at once when it already is): a
+    /// driver reset, `destroy`, or the browser reclaiming the GPU.
+    pub fn lost(&self) -> readback::OneShot<String> {
+        let (tx, rx) = readback::oneshot();
+        let mut waiters = lock(&self.lost_waiters);
+        match lock(&self.lost).clone() {
+            Some(why) => tx.send(why),
+            None => waiters.push(tx),
+        }
+        rx
+    }
+
+    /// A storage buffer of `bytes` bytes from the pool. Refuses sizes the device cannot bind
+    /// (`TooLarge`) and, before creating anything, allocations past `GpuOptions::memory_limit`
+    /// (`OutOfMemory`); a fresh large buffer is created inside an out-of-memory error scope, so
+    /// the device running out of memory is an `OutOfMemory` error (natively at once, in the
+    /// browser at the next `sync` / `read`), never a broken buffer used later.
     pub fn alloc(&self, bytes: u64, what: &str) -> Result<GpuBuffer> {
         self.check_lost()?;
         let limit = self.caps.max_storage_buffer_binding_size.min(self.caps.max_buffer_size);
         if bytes > limit {
             return Err(Error::TooLarge { what: what.to_string(), bytes, limit });
         }
-        Ok(self.pool.alloc(bytes))
+        let class = pool::size_class(bytes);
+        if self.pool.has_free(class) {
+            return Ok(self.pool.alloc(bytes));
+        }
+        let cap = self.memory_limit.load(std::sync::atomic::Ordering::Relaxed);
+        if cap > 0 {
+            let s = self.pool.stats();
+            if s.live_bytes + s.free_bytes + class > cap {
+                self.pool.trim();
+            }
+            let live = self.pool.stats().live_bytes;
+            if live + class > cap {
+                return Err(Error::OutOfMemory {
+                    what: what.to_string(),
+                    bytes,
+                    message: format!("{live} bytes are in use of the {cap}-byte memory limit"),
+                });
+            }
+        }
+        if class < OOM_SCOPE_BYTES {
+            return Ok(self.pool.alloc(bytes));
+        }
+        let scope = self.device.push_error_scope(wgpu::ErrorFilter::OutOfMemory);
+        let buf = self.pool.alloc(bytes);
+        let popped = scope.pop();
+        #[cfg(not(target_arch = "wasm32"))]
+        if let Some(Some(e)) = readback::poll_now(popped) {
+            self.pool.poison(buf.raw());
+            return Err(Error::OutOfMemory { what: what.to_string(), bytes, message: e.to_string() });
+        }
+        #[cfg(target_arch = "wasm32")]
+        self.alloc_scopes.borrow_mut().push((what.to_string(), bytes, buf.raw().clone(), Box::pin(popped)));
+        Ok(buf)
     }
 
     /// Uploads bytes into a new pooled buffer.
@@ -352,6 +430,17 @@ impl Gpu {
     async fn settle_errors(&self) -> Result<()> {
         #[cfg(target_arch = "wasm32")]
         {
+            let allocs: Vec<_> = self.alloc_scopes.borrow_mut().drain(..).collect();
+            let mut failed = None;
+            for (what, bytes, buffer, fut) in allocs {
+                if let Some(e) = fut.await {
+                    self.pool.poison(&buffer);
+                    failed.get_or_insert(Error::OutOfMemory { what, bytes, message: e.to_string() });
+                }
+            }
+            if let Some(e) = failed {
+                return Err(e);
+            }
             let scopes: Vec<_> = self.scopes.borrow_mut().drain(..).collect();
             for (label, fut) in scopes {
                 if let Some(e) = fut.await {

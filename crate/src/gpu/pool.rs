@@ -2,7 +2,7 @@
 //! dropped; reuse is safe without waiting for the GPU because WebGPU executes passes in queue
 //! order, so a later write to a recycled buffer always follows every earlier read of it.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::sync::{Arc, Mutex};
 
 /// Usage of every pooled buffer: bound as storage, copied from (readback) and to (upload).
@@ -24,6 +24,8 @@ struct Inner {
     free_bytes: u64,
     live_bytes: u64,
     peak_live_bytes: u64,
+    /// Buffers the device failed to create (out of memory): released, never reused.
+    poisoned: HashSet<wgpu::Buffer>,
 }
 
 /// Counters for memory reports.
@@ -75,11 +77,24 @@ impl Pool {
         GpuBuffer { buffer: Some(buffer), size: bytes, pool: Arc::clone(self) }
     }
 
+    /// Whether a freed buffer of size class `class` is kept for reuse.
+    pub fn has_free(&self, class: u64) -> bool {
+        self.lock().free.get(&class).is_some_and(|v| !v.is_empty())
+    }
+
+    /// Marks `buffer` as failed (the device could not create it): when its tensor lets it go it
+    /// is released instead of kept for reuse.
+    pub fn poison(&self, buffer: &wgpu::Buffer) {
+        self.lock().poisoned.insert(buffer.clone());
+    }
+
     fn give_back(&self, buffer: wgpu::Buffer) {
         let class = buffer.size();
         let mut inner = self.lock();
         inner.live_bytes -= class;
-        if inner.free_bytes + class <= self.keep_bytes {
+        if inner.poisoned.remove(&buffer) {
+            drop(buffer);
+        } else if inner.free_bytes + class <= self.keep_bytes {
             inner.free_bytes += class;
             inner.free.entry(class).or_default().push(buffer);
         } else {
