@@ -15,12 +15,15 @@
 //! (`files.rs`), never whole into wasm memory.
 //! Training a LoRA step by step (`train.rs`): `train_start`, `train_step`, `train_samples`,
 //! `train_save_state`, `train_export`, `train_handoff`, `train_cancel`.
+//! One UNet step for the side-by-side benchmark page (`bench.rs`): `bench_unet_load`,
+//! `bench_unet_step`, `bench_unet_free`.
 //!
 //! Errors are thrown as `Error` objects carrying the engine's message; a missing WebGPU adapter
 //! throws one named `NoAdapterError` so the page can explain what to enable.
 
 #![cfg(target_arch = "wasm32")]
 
+mod bench;
 mod engine;
 mod files;
 mod merge;
@@ -64,16 +67,38 @@ pub(crate) fn to_js<T: Serialize>(v: &T) -> Result<JsValue, JsValue> {
         .map_err(|e| js_sys::Error::new(&format!("serialising the result failed: {e}")).into())
 }
 
-/// The open device, opening it on first use (and again after the device was lost).
+/// The open device, opening it on first use. Once it is lost this is `DeviceLostError` until
+/// `recover` (engine.rs) has opened a new one and loaded the model onto it again: the model's
+/// buffers belong to the lost device and must never meet a new one.
 pub(crate) async fn gpu() -> Result<Rc<Gpu>, JsValue> {
     if let Some(g) = GPU.with_borrow(|g| g.clone()) {
-        if g.check_lost().is_ok() {
-            return Ok(g);
-        }
+        g.check_lost().map_err(|e| js_error(&e))?;
+        return Ok(g);
     }
+    reopen_gpu().await
+}
+
+/// Opens a new device in place of the current one (lost or not).
+pub(crate) async fn reopen_gpu() -> Result<Rc<Gpu>, JsValue> {
     let g = Rc::new(Gpu::new(GpuOptions::default()).await.map_err(|e| js_error(&e))?);
     GPU.with_borrow_mut(|slot| *slot = Some(Rc::clone(&g)));
     Ok(g)
+}
+
+/// Resolves with the reason once the open device is lost (`GPUDevice.lost`: a driver reset,
+/// the browser reclaiming the GPU, `device_destroy`).
+#[wasm_bindgen]
+pub async fn device_lost() -> Result<String, JsValue> {
+    let g = gpu().await?;
+    Ok(g.lost().await)
+}
+
+/// Destroys the open device as a driver reset would (the page's fault tests use it).
+#[wasm_bindgen]
+pub fn device_destroy() {
+    if let Some(g) = GPU.with_borrow(|g| g.clone()) {
+        g.destroy();
+    }
 }
 
 /// `performance.now()` in a page or a worker (milliseconds).
