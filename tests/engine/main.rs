@@ -24,6 +24,7 @@ mod lora_apply;
 mod lora_fixtures;
 mod lora_merge;
 mod lora_parse;
+mod lora_resize;
 mod matmul;
 mod norm;
 mod pipeline;

@@ -312,11 +312,17 @@ impl Installed {
 
     /// Sets the strength of each file (see [`set_strengths`]); attach the result to the model.
     pub fn set_strengths(&mut self, gpu: &Gpu, strengths: &[f32]) -> Result<()> {
-        for a in self.weighted.values_mut() {
-            a.set_strengths(gpu, strengths)?;
+        self.set_strengths_by_layer(gpu, strengths, &|_, _| 1.0)
+    }
+
+    /// As [`set_strengths`](Self::set_strengths), each file's strength multiplied per layer by
+    /// `factor(layer name, file index)` (per-block weights, [`crate::lora::blocks`]).
+    pub fn set_strengths_by_layer(&mut self, gpu: &Gpu, strengths: &[f32], factor: &dyn Fn(&str, usize) -> f32) -> Result<()> {
+        for (name, a) in self.weighted.iter_mut() {
+            a.set_strengths(gpu, &layer_strengths(strengths, name, factor))?;
         }
-        for a in self.norms.values_mut() {
-            a.update(gpu, strengths)?;
+        for (name, a) in self.norms.iter_mut() {
+            a.update(gpu, &layer_strengths(strengths, name, factor))?;
         }
         Ok(())
     }
@@ -373,16 +379,33 @@ pub fn clear(model: &mut dyn VisitLayers) {
 /// Sets the strength of each installed file (indices as given to [`install`]): rewrites small
 /// per-layer regions only.
 pub fn set_strengths(gpu: &Gpu, model: &mut dyn VisitLayers, strengths: &[f32]) -> Result<()> {
+    set_strengths_by_layer(gpu, model, strengths, &|_, _| 1.0)
+}
+
+/// Each file's strength times `factor(layer name, file index)`.
+fn layer_strengths(strengths: &[f32], name: &str, factor: &dyn Fn(&str, usize) -> f32) -> Vec<f32> {
+    strengths.iter().enumerate().map(|(i, s)| s * factor(name, i)).collect()
+}
+
+/// As [`set_strengths`], each file's strength multiplied per layer by `factor(layer name, file
+/// index)`: per-block weights ([`crate::lora::blocks`]) are this, a uniform write per layer.
+pub fn set_strengths_by_layer(
+    gpu: &Gpu,
+    model: &mut dyn VisitLayers,
+    strengths: &[f32],
+    factor: &dyn Fn(&str, usize) -> f32,
+) -> Result<()> {
     let mut failure = None;
     model.visit_layers(&mut |layer| {
         if failure.is_some() {
             return;
         }
+        let s = layer_strengths(strengths, layer.name(), factor);
         let r = match layer {
-            LayerMut::Linear(l) => l.adapters.as_mut().map_or(Ok(()), |a| a.set_strengths(gpu, strengths)),
-            LayerMut::Conv2d(c) => c.adapters.as_mut().map_or(Ok(()), |a| a.set_strengths(gpu, strengths)),
-            LayerMut::GroupNorm(g) => g.adapters.as_mut().map_or(Ok(()), |a| a.update(gpu, strengths)),
-            LayerMut::LayerNorm(g) => g.adapters.as_mut().map_or(Ok(()), |a| a.update(gpu, strengths)),
+            LayerMut::Linear(l) => l.adapters.as_mut().map_or(Ok(()), |a| a.set_strengths(gpu, &s)),
+            LayerMut::Conv2d(c) => c.adapters.as_mut().map_or(Ok(()), |a| a.set_strengths(gpu, &s)),
+            LayerMut::GroupNorm(g) => g.adapters.as_mut().map_or(Ok(()), |a| a.update(gpu, &s)),
+            LayerMut::LayerNorm(g) => g.adapters.as_mut().map_or(Ok(()), |a| a.update(gpu, &s)),
         };
         if let Err(e) = r {
             failure = Some(e);

@@ -11,6 +11,8 @@ mod eval;
 mod generate;
 #[path = "loralab/lora.rs"]
 mod lora;
+#[path = "loralab/lora_tools.rs"]
+mod lora_tools;
 #[path = "loralab/merge.rs"]
 mod merge;
 #[path = "loralab/train.rs"]
@@ -47,7 +49,7 @@ Environment:
 ";
 
 fn usage() -> String {
-    USAGE.replace("{BENCH_LORA}", bench_lora::USAGE).replace("{BENCH_TRAIN}", bench_train::USAGE).replace("{EVAL}", eval::USAGE).replace("{GENERATE}", generate::USAGE).replace("{LORA}", lora::USAGE).replace("{MERGE}", merge::USAGE).replace("{TRAIN}", train::USAGE)
+    USAGE.replace("{BENCH_LORA}", bench_lora::USAGE).replace("{BENCH_TRAIN}", bench_train::USAGE).replace("{EVAL}", eval::USAGE).replace("{GENERATE}", generate::USAGE).replace("{LORA}", &format!("{}{}", lora::USAGE, lora_tools::USAGE)).replace("{MERGE}", merge::USAGE).replace("{TRAIN}", train::USAGE)
 }
 
 /// Options shared by the subcommands.

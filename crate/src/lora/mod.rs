@@ -11,11 +11,15 @@
 //! - [`Delta::delta_weight`] and [`merged_weight`]: ΔW and the adapted weight, accumulated in
 //!   f64; the definition the GPU path is tested against.
 //! - [`fuse`]: merging adapters into a model and writing it, one tensor at a time.
+//! - [`svd`], [`spectrum`], [`resize`]: ΔW's singular values and heat map, and reducing an
+//!   adapter's rank by SVD (kohya's resize); [`params`]: trained values per algorithm;
+//!   [`blocks`]: per-block strengths (A1111's LoRA Block Weight).
 //!
 //! Formats and the maths follow the writers' own code: LyCORIS 4.1.3 `modules/*.py` and
 //! `functional/*.py`, PEFT 0.21 `tuners/lora/{layer,dora,variants}.py`, diffusers 0.42
 //! `loaders/lora_conversion_utils.py` and `utils/peft_utils.py` (see the docs of each item).
 
+pub mod blocks;
 mod delta;
 pub mod fuse;
 mod layers;
@@ -23,8 +27,12 @@ mod merge;
 mod metadata;
 mod names;
 mod parse;
+pub mod params;
 mod pattern;
+pub mod resize;
+pub mod spectrum;
 mod summary;
+pub mod svd;
 
 pub use layers::{match_model, LayerInfo, LayerShape, MatchReport, ModelLayers};
 pub use merge::{merged_bias, merged_weight};

@@ -12,6 +12,7 @@ use crate::adapter::fuse::{FuseReport, Originals};
 use crate::adapter::{self, InstallReport, Installed};
 use crate::error::{Error, Result};
 use crate::gpu::Gpu;
+use crate::lora::blocks::{BlockLayout, BlockWeights};
 use crate::lora::{LoraFile, Target};
 use crate::model::clip::ClipTextModel;
 use crate::model::unet::UNet2DConditionModel;
@@ -29,6 +30,8 @@ pub(super) struct AdapterState {
     files: Vec<Arc<LoraFile>>,
     /// (text encoder, UNet) strength per file.
     strengths: Vec<(f32, f32)>,
+    /// Per-block multipliers per file (empty: all 1).
+    blocks: Vec<BlockWeights>,
     te: Installed,
     unet: Installed,
     /// After [`StableDiffusionPipeline::fuse_adapters`]: the original weights (text encoder, UNet).
@@ -172,6 +175,7 @@ impl StableDiffusionPipeline {
             embedding_rows: std::mem::take(&mut self.adapters.embedding_rows),
             files,
             strengths,
+            blocks: vec![],
             te,
             unet,
             fused: None,
@@ -200,12 +204,33 @@ impl StableDiffusionPipeline {
         }
         let te_s: Vec<f32> = strengths.iter().map(|s| s.0).collect();
         let unet_s: Vec<f32> = strengths.iter().map(|s| s.1).collect();
-        self.adapters.te.set_strengths(gpu, &te_s)?;
-        self.adapters.unet.set_strengths(gpu, &unet_s)?;
+        let blocks = &self.adapters.blocks;
+        let layout = BlockLayout::new(&self.unet_config);
+        let weight = |target: Target, name: &str, i: usize| blocks.get(i).map_or(1.0, |b| b.weight(&layout, target, name));
+        self.adapters.te.set_strengths_by_layer(gpu, &te_s, &|name, i| weight(Target::TextEncoder, name, i))?;
+        self.adapters.unet.set_strengths_by_layer(gpu, &unet_s, &|name, i| weight(Target::Unet, name, i))?;
         self.adapters.strengths = strengths.to_vec();
         let (te, unet) = (&self.adapters.te, &self.adapters.unet);
         if_resident(&self.text_encoder, "text encoder", |m| adapter::attach(m, te))?;
         if_resident(&self.unet, "UNet", |m| adapter::attach(m, unet))
+    }
+
+    /// Sets per-block strength multipliers (A1111's LoRA Block Weight), one [`BlockWeights`]
+    /// per file in the order of [`set_adapters`](Self::set_adapters): each layer's strength is
+    /// the file's (text encoder or UNet) strength times its block's weight, written as a strength
+    /// change (no upload). [`set_adapters`](Self::set_adapters) resets them to 1.
+    pub fn set_block_weights(&mut self, gpu: &Gpu, blocks: Vec<BlockWeights>) -> Result<()> {
+        if blocks.len() != self.adapters.files.len() {
+            return Err(invalid(format!("{} block weight sets for {} adapter files", blocks.len(), self.adapters.files.len())));
+        }
+        self.adapters.blocks = blocks;
+        let strengths = self.adapters.strengths.clone();
+        self.set_adapter_strengths(gpu, &strengths)
+    }
+
+    /// The per-block multipliers of each file (all 1 unless set).
+    pub fn block_weights(&self) -> Vec<BlockWeights> {
+        (0..self.adapters.files.len()).map(|i| self.adapters.blocks.get(i).cloned().unwrap_or_default()).collect()
     }
 
     /// The adapters' display names (file stems), which prompt tags refer to.
@@ -319,6 +344,9 @@ impl StableDiffusionPipeline {
             return Err(invalid(
                 "fusing needs the text encoder and UNet resident; it is not available with the low-memory options",
             ));
+        }
+        if self.adapters.blocks.iter().any(|b| !b.is_uniform()) {
+            return Err(invalid("per-block weights are set; fusing applies whole-file strengths only, so reset them first"));
         }
         let files = self.adapters.files.clone();
         let refs: Vec<&LoraFile> = files.iter().map(|f| f.as_ref()).collect();

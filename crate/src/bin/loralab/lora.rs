@@ -32,7 +32,10 @@ pub fn read(path: &std::path::Path, cfg: &PipelineConfig) -> Result<loralab::lor
 pub fn run(args: &[String]) -> Result<ExitCode, String> {
     match args.split_first() {
         Some((sub, rest)) if sub == "inspect" => inspect(rest),
-        Some((sub, _)) => Err(format!("`loralab lora {sub}`: unknown subcommand (available: inspect)")),
+        Some((sub, rest)) if sub == "resize" => super::lora_tools::resize(rest),
+        Some((sub, rest)) if sub == "spectrum" => super::lora_tools::spectrum(rest),
+        Some((sub, rest)) if sub == "params" => super::lora_tools::params(rest),
+        Some((sub, _)) => Err(format!("`loralab lora {sub}`: unknown subcommand (available: inspect, resize, spectrum, params)")),
         None => Err("`loralab lora` needs a subcommand: `loralab lora inspect FILE`".to_string()),
     }
 }
