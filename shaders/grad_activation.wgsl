@@ -3,6 +3,8 @@
 //   silu_grad:       dx[i] = dy[i] · σ(x)·(1 + x·(1 − σ(x)))
 //   gelu_grad:       dx[i] = dy[i] · (Φ(x) + x·φ(x)), the exact (erf) GELU of elementwise.wgsl:
 //                    Φ(x) = (1 + erf(x/√2)) / 2, φ(x) = exp(−x²/2) / √(2π)
+//   quick_gelu_grad: dx[i] = dy[i] · (s + 1.702·x·s·(1 − s)), s = σ(1.702·x), the gradient of
+//                    CLIP's x·σ(1.702·x)
 //   geglu_grad:      x (rows, 2D) = [hidden | gate], dy (rows, D); per (r, j):
 //                    dx[r, j] = dy[r, j] · gelu(gate), dx[r, D + j] = dy[r, j] · hidden · gelu'(gate)
 //   upsample2x_grad: dx[bc, y, x] = the sum of the 2×2 block dy[bc, 2y .. 2y+1, 2x .. 2x+1],
@@ -16,7 +18,7 @@ struct Params {
 }
 
 @group(0) @binding(0) var<uniform> p: Params;
-// silu_grad, gelu_grad: x, dy, dx (n). geglu_grad: x, dx (rows, 2D), dy (rows, D).
+// silu_grad, gelu_grad, quick_gelu_grad: x, dy, dx (n). geglu_grad: x, dx (rows, 2D), dy (rows, D).
 // upsample2x_grad: dy (B·C, 2H, 2W), dx (B·C, H, W). accumulate: dy is g (n), dx is acc (n).
 @group(0) @binding(1) var<storage, read> x: array<f32>;         // (n) / (rows, 2D)
 @group(0) @binding(2) var<storage, read> dy: array<f32>;        // (n) / (rows, D) / (B·C, 2H, 2W)
@@ -68,6 +70,16 @@ fn gelu_grad(@builtin(workgroup_id) wg: vec3<u32>, @builtin(num_workgroups) nwg:
     let i = index(wg, nwg, lid);
     if (i >= p.n) { return; }
     dx[i] = dy[i] * gelu_and_grad(x[i]).y;
+}
+
+@compute @workgroup_size(WG)
+fn quick_gelu_grad(@builtin(workgroup_id) wg: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>,
+                   @builtin(local_invocation_index) lid: u32) {
+    let i = index(wg, nwg, lid);
+    if (i >= p.n) { return; }
+    let v = x[i];
+    let s = sigmoid(1.702 * v);
+    dx[i] = dy[i] * (s + 1.702 * v * s * (1.0 - s));
 }
 
 @compute @workgroup_size(WG)

@@ -1,4 +1,4 @@
-//! Backward of SiLU, GELU, GEGLU and the nearest 2× upsample, and in-place accumulation: the
+//! Backward of SiLU, GELU, quick GELU, GEGLU and the nearest 2× upsample, and in-place accumulation: the
 //! f64 references against finite differences of the f64 forward (which must agree with the
 //! forward op's own reference), then the kernels against the references on both devices.
 
@@ -31,6 +31,9 @@ fn activation_reference_gradients_match_finite_differences() {
         assert_grad(&format!("silu n={n}"), &reference::silu_backward(&x, &dy), &numeric_grad(&silu, &x, 1e-6), 1e-7);
         let gelu = |x: &[f64]| dot(&dy, &reference::gelu(x));
         assert_grad(&format!("gelu n={n}"), &reference::gelu_backward(&x, &dy), &numeric_grad(&gelu, &x, 1e-6), 1e-7);
+        let qg = |x: &[f64]| dot(&dy, &reference::quick_gelu(x));
+        let numeric = numeric_grad(&qg, &x, 1e-6);
+        assert_grad(&format!("quick_gelu n={n}"), &reference::quick_gelu_backward(&x, &dy), &numeric, 1e-7);
     }
     for (ci, &(rows, d)) in [(1usize, 1usize), (2, 3), (3, 8)].iter().enumerate() {
         let x = f64s(&randn(rows * 2 * d, 20 + ci as u64));
@@ -61,6 +64,8 @@ fn activation_reference_forwards_are_the_ops_forwards() {
     close(&reference::silu(&xd), &theirs, "silu");
     let theirs: Vec<f32> = x.iter().map(|&v| ew::reference::unary(v, Unary::Gelu)).collect();
     close(&reference::gelu(&xd), &theirs, "gelu");
+    let theirs: Vec<f32> = x.iter().map(|&v| ew::reference::unary(v, Unary::QuickGelu)).collect();
+    close(&reference::quick_gelu(&xd), &theirs, "quick_gelu");
     close(&reference::geglu(&xd, 8), &ew::reference::geglu(&x, 8), "geglu");
     close(&reference::upsample_nearest2x(&xd, 2, 4, 8), &layout::reference::upsample_nearest2x(&x, 2, 4, 8), "upsample");
 }
@@ -80,6 +85,9 @@ fn silu_and_gelu_backward_match_reference() {
             let want = reference::gelu_backward(&f64s(&x), &f64s(&dy));
             let got = read(gpu, &act::gelu_backward(gpu, &tx, &tdy).unwrap());
             assert_nmse(&format!("gelu_backward n={n} subgroups={sub}"), &got, &f32s(&want), TRANSCENDENTAL);
+            let want = reference::quick_gelu_backward(&f64s(&x), &f64s(&dy));
+            let got = read(gpu, &act::quick_gelu_backward(gpu, &tx, &tdy).unwrap());
+            assert_nmse(&format!("quick_gelu_backward n={n} subgroups={sub}"), &got, &f32s(&want), TRANSCENDENTAL);
         }
     }
 }

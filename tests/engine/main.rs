@@ -42,3 +42,7 @@ mod unet;
 mod train_data;
 mod train_export;
 mod train_handoff;
+mod train_loop;
+mod train_cli;
+mod train_clip;
+mod bench_train;

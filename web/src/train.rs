@@ -66,6 +66,9 @@ struct Settings {
     rank: usize,
     alpha: f32,
     lr: f64,
+    /// The text encoder's learning rate; absent or null: the UNet only.
+    #[serde(default)]
+    te_lr: Option<f64>,
     steps: u64,
     batch: usize,
     #[serde(default = "one")]
@@ -115,6 +118,7 @@ impl Settings {
             conv_rank: self.rank,
             conv_alpha: self.alpha,
             lr: self.lr,
+            te_lr: self.te_lr,
             schedule: self.schedule.clone(),
             warmup_steps: self.warmup,
             steps: self.steps,

@@ -24,6 +24,7 @@ const FIELDS = [
   ["train-rank", "rank", "int"],
   ["train-alpha", "alpha", "num"],
   ["train-lr", "lr", "num"],
+  ["train-te-lr", "te_lr", "optnum"],
   ["train-steps", "steps", "int"],
   ["train-batch", "batch", "int"],
   ["train-schedule", "schedule", "text"],
@@ -72,6 +73,10 @@ function readSettings(app) {
   const s = {};
   for (const [id, k, kind] of FIELDS) {
     const v = $(id).value.trim();
+    if (kind === "optnum" && v === "") {
+      s[k] = null;
+      continue;
+    }
     s[k] = kind === "text" ? v : Number(v);
     if (kind !== "text" && (v === "" || !Number.isFinite(s[k]))) throw new Error(`${$(id).labels?.[0]?.textContent ?? k}: enter a number`);
   }
@@ -85,7 +90,10 @@ function readSettings(app) {
 }
 
 function fillSettings(s) {
-  for (const [id, k] of FIELDS) if (s[k] !== undefined && s[k] !== null) $(id).value = String(s[k]);
+  for (const [id, k, kind] of FIELDS) {
+    if (kind === "optnum") $(id).value = s[k] == null ? "" : String(s[k]);
+    else if (s[k] !== undefined && s[k] !== null) $(id).value = String(s[k]);
+  }
 }
 
 const consented = () => $("train-consent-images").checked && $("train-consent-likeness").checked;

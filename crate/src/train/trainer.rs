@@ -10,8 +10,9 @@
 //!   sample's own seeded generator (as training without a latent cache does), where kohya
 //!   caches one draw per image; the draw is scaled as the pipeline scales latents
 //!   (`(z − shift_factor)·scaling_factor`);
-//! - the prompt embeddings of every caption (the text encoder is not trained), with the run's
-//!   `clip_skip`, and those of the sample prompts; the text encoder is then released.
+//! - the prompt embeddings of every caption, with the run's `clip_skip`, and those of the
+//!   sample prompts; the text encoder is then released, unless it is trained too
+//!   ([`TrainConfig::te_lr`], see [`text`]): then each micro-batch encodes its captions.
 //!
 //! Each optimizer step ([`Trainer::step`]) runs `grad_accum` micro-batches of `batch` training
 //! images (plus as many regularization images with prior preservation), each sample drawn as
@@ -29,16 +30,16 @@
 //! uninterrupted run. K micro-batches of `b` train on the same samples as one batch of `K·b`;
 //! the gradients agree up to the order the batch's contributions are summed in.
 //!
-//! The text encoder is not trained: its backward lacks the quick-GELU activation's gradient.
-//!
 //! Submodules: `config` (settings), `batch` (data and loss), `state` (checkpoints and export),
-//! `sample` (progress images), `progress` (loss average, throughput).
+//! `sample` (progress images), `progress` (loss average, throughput), `text` (training the text
+//! encoder).
 
 mod batch;
 mod config;
 mod progress;
 mod sample;
 mod state;
+mod text;
 
 pub use config::{without_trigger, SampleSettings, TrainConfig, SCHEDULES};
 pub use progress::{format_duration, LossAverage, Throughput};
@@ -49,7 +50,7 @@ use self::batch::{loss_and_grad, NoiseSchedule, Sample, Split, REG_STREAM, TRAIN
 use crate::error::{Error, Result};
 use crate::gpu::Gpu;
 use crate::io::RangeRead;
-use crate::model::backward::{LoraParams, TrainOptions, TrainUNet};
+use crate::model::backward::{LoraParams, Trainable, TrainOptions, TrainUNet};
 use crate::model::checkpoint::Checkpoint;
 use crate::model::clip::{ClipTextModel, EncodeOpts};
 use crate::model::tokenizer::ClipTokenizer;
@@ -87,6 +88,8 @@ pub struct Trainer {
     train: TrainUNet,
     /// AdamW's `exp_avg` and `exp_avg_sq` per trainable tensor, in [`LoraParams::trainable`] order.
     moments: Vec<(Tensor, Tensor)>,
+    /// The text encoder with its adapters when it is trained.
+    te: Option<text::TextTraining>,
     noise: NoiseSchedule,
     scheduler: SamplerConfig,
     /// (scaling_factor, shift_factor) of the VAE.
@@ -203,8 +206,18 @@ impl Trainer {
         } else {
             read_rows(gpu, encode_texts(gpu, &te, &ck.tokenizer, &prompts, config.clip_skip)?, per).await?
         };
-        drop(te);
-        gpu.trim();
+        let te = match config.te_lr {
+            Some(_) => {
+                let reg_caps: Vec<&str> = reg.iter().flat_map(|r| r.items.iter().map(|i| i.caption.as_str())).collect();
+                let caps = [captions.as_slice(), reg_caps.as_slice()];
+                Some(text::TextTraining::new(gpu, te, &ck.tokenizer, &config, caps, &prompts)?)
+            }
+            None => {
+                drop(te);
+                gpu.trim();
+                None
+            }
+        };
 
         // Posteriors; the VAE stays only when samples are asked for.
         let vae = AutoencoderKL::load(gpu, &c.vae, &ck.vae, plan.vae, VaeParts::Both)?;
@@ -258,6 +271,7 @@ impl Trainer {
             unet,
             train,
             moments,
+            te,
             noise,
             scheduler: c.scheduler.clone(),
             scaling,
@@ -289,6 +303,22 @@ impl Trainer {
         self.train.params()
     }
 
+    /// The text encoder's adapters when it is trained ([`TrainConfig::te_lr`]).
+    pub fn text_encoder_params(&self) -> Option<&LoraParams> {
+        self.te.as_ref().map(|t| t.params())
+    }
+
+    /// Every trainable tensor (the UNet's, then the text encoder's) with its AdamW moments and
+    /// its parameter group's base learning rate.
+    fn groups(&self) -> Vec<(Trainable<'_>, &(Tensor, Tensor), f64)> {
+        let unet = self.train.params().trainable().into_iter().zip(&self.moments).map(|(t, m)| (t, m, self.config.lr));
+        let te = self.te.iter().flat_map(|te| {
+            let lr = self.config.te_lr.unwrap_or(self.config.lr);
+            te.params().trainable().into_iter().zip(&te.moments).map(move |(t, m)| (t, m, lr))
+        });
+        unet.chain(te).collect()
+    }
+
     pub fn dataset(&self) -> &Dataset {
         &self.train_set.dataset
     }
@@ -304,7 +334,8 @@ impl Trainer {
 
     /// GPU bytes of the adapters, their gradients and the optimizer state.
     pub fn state_bytes(&self) -> u64 {
-        self.train.params().bytes() + self.moments.iter().map(|(m, v)| m.bytes() + v.bytes()).sum::<u64>()
+        let te = self.te.as_ref().map_or(0, |t| t.bytes());
+        self.train.params().bytes() + self.moments.iter().map(|(m, v)| m.bytes() + v.bytes()).sum::<u64>() + te
     }
 
     /// The samples of micro-batch `k` of the current step.
@@ -334,6 +365,9 @@ impl Trainer {
         let [c, h, w] = self.latent_shape;
         let per = self.embed_shape[0] * self.embed_shape[1];
         self.train.params().zero_grads(gpu);
+        if let Some(te) = &self.te {
+            te.params().zero_grads(gpu);
+        }
         let mut loss = 0.0;
         for k in 0..self.config.grad_accum {
             let samples = self.micro_batch(k)?;
@@ -348,7 +382,14 @@ impl Trainer {
             }
             let ts: Vec<f32> = samples.iter().map(|s| s.timestep as f32).collect();
             let sample = Tensor::from_f32(gpu, &[b, c, h, w], &x)?;
-            let context = Tensor::from_f32(gpu, &[b, self.embed_shape[0], self.embed_shape[1]], &ctx)?;
+            let (context, te_tape) = match &self.te {
+                Some(te) => {
+                    let rows = samples.iter().map(|s| te.ids(s.stream, s.image)).collect::<Result<Vec<_>>>()?;
+                    let (context, tape) = te.encode(gpu, &rows, opts)?;
+                    (context, Some(tape))
+                }
+                None => (Tensor::from_f32(gpu, &[b, self.embed_shape[0], self.embed_shape[1]], &ctx)?, None),
+            };
             let (pred, tape) = self.train.forward(gpu, &sample, &ts, &context, None, opts)?;
             drop((sample, context));
             let p = pred.to_f32(gpu).await?;
@@ -363,15 +404,24 @@ impl Trainer {
             }
             loss += l / self.config.grad_accum as f64;
             let g = Tensor::from_f32(gpu, &shape, &grad)?;
-            self.train.backward(gpu, tape, &g)?;
+            match (&self.te, te_tape) {
+                (Some(te), Some(te_tape)) => {
+                    let d_context = self.train.backward_with_context_grad(gpu, tape, &g)?;
+                    drop(g);
+                    te.train.backward(gpu, te_tape, &d_context)?;
+                }
+                _ => self.train.backward(gpu, tape, &g)?,
+            }
         }
-        let trainable = self.train.params().trainable();
-        let grads: Vec<&Tensor> = trainable.iter().map(|t| t.grad).collect();
+        let groups = self.groups();
+        let grads: Vec<&Tensor> = groups.iter().map(|(t, _, _)| t.grad).collect();
         let norm = grad_norm(gpu, &grads)?;
         let clip = (self.config.max_grad_norm > 0.0).then_some(Clip { norm: &norm, max_norm: self.config.max_grad_norm });
-        for (t, (m, v)) in trainable.iter().zip(&self.moments) {
+        for (t, (m, v), base) in &groups {
+            let lr = self.schedule.lr(*base, self.step);
             adamw_step(gpu, &self.adamw, lr, self.step + 1, t.param, t.grad, m, v, clip)?;
         }
+        drop(groups);
         let grad_norm = norm.to_f32(gpu).await?.first().copied().unwrap_or(f32::NAN);
         self.step += 1;
         self.loss_avg.add(loss);

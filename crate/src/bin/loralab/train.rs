@@ -27,6 +27,8 @@ pub const USAGE: &str = "  loralab train --model PATH --images DIR --trigger WOR
                                         layers adapted (default attn)
       --conv-rank R --conv-alpha A      3x3 convolutions with attn+ff+conv (default 8, 4)
       --lr F                            learning rate (default 1e-4)
+      --te-lr F                         also train the text encoder's LoRA at this rate
+                                        (default: the UNet only)
       --steps N                         optimizer steps (default 1000)
       --batch N --grad-accum N          images per micro-batch, micro-batches per step (1, 1)
       --schedule NAME                   constant|constant_with_warmup|linear|cosine|
@@ -81,8 +83,8 @@ fn real(name: &str, v: &str, min: f64) -> Result<f64, String> {
 }
 
 /// Options that take a value.
-const KNOWN: [&str; 38] = [
-    "--model", "--config", "--images", "--reg-images", "--trigger", "--class", "--out", "--resume", "--prior-weight",
+const KNOWN: [&str; 39] = [
+    "--te-lr", "--model", "--config", "--images", "--reg-images", "--trigger", "--class", "--out", "--resume", "--prior-weight",
     "--rank", "--alpha", "--conv-rank", "--conv-alpha", "--targets", "--lr", "--steps", "--batch", "--grad-accum",
     "--schedule", "--warmup", "--cycles", "--max-grad-norm", "--weight-decay", "--clip-skip", "--seed", "--resolution",
     "--repeats", "--weights", "--save-every", "--sample-every", "--sample-prompt", "--sample-steps", "--sample-cfg",
@@ -90,7 +92,8 @@ const KNOWN: [&str; 38] = [
 ];
 
 /// The option of each [`TrainConfig`] field, for its validation messages.
-const FLAGS: [(&str, &str); 17] = [
+const FLAGS: [(&str, &str); 18] = [
+    ("te_lr", "--te-lr"),
     ("targets", "--targets"),
     ("rank", "--rank"),
     ("alpha", "--alpha"),
@@ -187,12 +190,6 @@ fn parse_args(args: &[String]) -> Result<Args, String> {
                 a.plain = true;
                 continue;
             }
-            "--te-lr" => {
-                return Err(usage_err(
-                    "unknown option `--te-lr`: training the text encoder is not available (the engine has no \
-                     backward of its quick-GELU activation yet); the UNet's adapters are trained with --lr",
-                ))
-            }
             _ => {}
         }
         if !KNOWN.contains(&name) {
@@ -223,6 +220,7 @@ fn parse_args(args: &[String]) -> Result<Args, String> {
                 t.targets = v;
             }
             "--lr" => t.lr = real(name, &v, 0.0)?,
+            "--te-lr" => t.te_lr = Some(real(name, &v, 0.0)?),
             "--steps" => t.steps = positive(name, &v)?,
             "--batch" => t.batch = positive(name, &v)? as usize,
             "--grad-accum" => t.grad_accum = positive(name, &v)? as usize,
@@ -414,6 +412,9 @@ pub fn run(args: &[String]) -> Result<ExitCode, String> {
         c.lr,
         c.schedule
     );
+    if let (Some(te), Some(lr)) = (trainer.text_encoder_params(), c.te_lr) {
+        eprintln!("and {} text-encoder LoRA layers ({} values), lr {lr:e}", te.layers().len(), te.param_count());
+    }
     if let Some(p) = &a.resume {
         let bytes = std::fs::read(p).map_err(|e| format!("--resume {}: cannot read: {e}", p.display()))?;
         trainer.load_state(&gpu, &bytes, &p.display().to_string()).map_err(|e| format!("--resume {e}"))?;

@@ -1,5 +1,6 @@
 //! Training forward and backward of diffusers' `Attention` (as `AttnProcessor2_0` runs it in
-//! the UNet: bias-free q/k/v, no mask) and `FeedForward` with GEGLU, mirroring
+//! the UNet: bias-free q/k/v, no mask; CLIP's self-attention with biases and a causal mask
+//! uses it too) and `FeedForward` with GEGLU, mirroring
 //! [`crate::model::transformer::Attention`] and [`crate::model::transformer::FeedForward`].
 //!
 //! Attention runs the fused kernel's [`attention_with_lse`] (the same output as the inference
@@ -25,8 +26,10 @@ pub(super) struct Attn {
     to_out: Lin,
     heads: usize,
     /// Keys and values come from the encoder hidden states (`attn2`, or `attn1` with
-    /// `only_cross_attention`), which get no gradient.
+    /// `only_cross_attention`), whose gradient is wanted only when the text encoder trains.
     cross: bool,
+    /// CLIP's causal mask.
+    causal: bool,
 }
 
 pub(super) struct AttnSaved {
@@ -43,14 +46,28 @@ pub(super) struct AttnSaved {
 
 impl Attn {
     pub fn build(layers: &mut Layers<'_>, prefix: &str, heads: usize, cross: bool) -> Result<Self> {
+        Self::build_named(layers, prefix, ["to_q", "to_k", "to_v", "to_out.0"], heads, cross, false)
+    }
+
+    /// The projections under other names (CLIP's `q_proj`, `k_proj`, `v_proj`, `out_proj`),
+    /// optionally with a causal mask.
+    pub fn build_named(
+        layers: &mut Layers<'_>,
+        prefix: &str,
+        names: [&str; 4],
+        heads: usize,
+        cross: bool,
+        causal: bool,
+    ) -> Result<Self> {
         let p = |n: &str| join(prefix, n);
         Ok(Self {
-            to_q: layers.linear(&p("to_q"))?,
-            to_k: layers.linear(&p("to_k"))?,
-            to_v: layers.linear(&p("to_v"))?,
-            to_out: layers.linear(&p("to_out.0"))?,
+            to_q: layers.linear(&p(names[0]))?,
+            to_k: layers.linear(&p(names[1]))?,
+            to_v: layers.linear(&p(names[2]))?,
+            to_out: layers.linear(&p(names[3]))?,
             heads,
             cross,
+            causal,
         })
     }
 
@@ -59,7 +76,7 @@ impl Attn {
     fn opts(&self, q: &Tensor) -> AttentionOpts {
         let d = q.shape().last().copied().unwrap_or(1) / self.heads.max(1);
         let scale = (self.heads == 1).then(|| 1.0 / (d as f32).sqrt());
-        AttentionOpts { heads: self.heads, scale, causal: false }
+        AttentionOpts { heads: self.heads, scale, causal: self.causal }
     }
 
     /// `x: [B, N, dim]`, `context: [B, M, cross_dim]` → `[B, N, dim]`.
@@ -74,7 +91,16 @@ impl Attn {
     }
 
     /// The gradient at `x` for output gradient `dy`, adding the projections' adapter gradients.
-    pub fn backward(&self, gpu: &Gpu, p: &LoraParams, s: AttnSaved, dy: &Tensor) -> Result<Tensor> {
+    /// A cross-attention adds the gradient at the encoder hidden states to `d_context` when one
+    /// is given (the text encoder trains), and computes none otherwise.
+    pub fn backward(
+        &self,
+        gpu: &Gpu,
+        p: &LoraParams,
+        s: AttnSaved,
+        dy: &Tensor,
+        d_context: Option<&Tensor>,
+    ) -> Result<Tensor> {
         let opts = self.opts(&s.q);
         let d_o = need(self.to_out.backward(gpu, p, s.out_in, dy, true)?, "to_out")?;
         let saved = Saved { q: &s.q, k: &s.k, v: &s.v, out: &s.o, lse: &s.lse };
@@ -82,15 +108,15 @@ impl Attn {
         drop((d_o, s.q, s.k, s.v, s.o, s.lse));
         let dx = need(self.to_q.backward(gpu, p, s.q_in, &g.dq, true)?, "to_q")?;
         drop(g.dq);
-        // Cross-attention keys and values come from the text encoder, which is not trained:
-        // only their adapters' gradients are wanted.
-        let self_attn = !self.cross;
-        if let Some(dk) = self.to_k.backward(gpu, p, s.k_in, &g.dk, self_attn)? {
-            accumulate(gpu, &dx, &dk, 1.0)?;
+        // Keys and values read `x` (self-attention) or the encoder hidden states, whose
+        // gradient is wanted only when the text encoder trains.
+        let sink = if self.cross { d_context } else { Some(&dx) };
+        if let (Some(dk), Some(acc)) = (self.to_k.backward(gpu, p, s.k_in, &g.dk, sink.is_some())?, sink) {
+            accumulate(gpu, acc, &dk, 1.0)?;
         }
         drop(g.dk);
-        if let Some(dv) = self.to_v.backward(gpu, p, s.v_in, &g.dv, self_attn)? {
-            accumulate(gpu, &dx, &dv, 1.0)?;
+        if let (Some(dv), Some(acc)) = (self.to_v.backward(gpu, p, s.v_in, &g.dv, sink.is_some())?, sink) {
+            accumulate(gpu, acc, &dv, 1.0)?;
         }
         Ok(dx)
     }

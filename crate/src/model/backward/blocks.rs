@@ -26,7 +26,7 @@ pub(super) enum Kept<S> {
 }
 
 impl<S> Kept<S> {
-    fn new(checkpoint: bool, x: &Tensor, saved: S) -> Self {
+    pub(super) fn new(checkpoint: bool, x: &Tensor, saved: S) -> Self {
         if checkpoint {
             drop(saved);
             Kept::Input(x.clone())
@@ -36,7 +36,7 @@ impl<S> Kept<S> {
     }
 
     /// The saved state, recomputing the module's forward from its input when checkpointed.
-    fn restore(self, forward: impl FnOnce(&Tensor) -> Result<(Tensor, S)>) -> Result<S> {
+    pub(super) fn restore(self, forward: impl FnOnce(&Tensor) -> Result<(Tensor, S)>) -> Result<S> {
         match self {
             Kept::Saved(s) => Ok(s),
             Kept::Input(x) => Ok(forward(&x)?.1),
@@ -49,6 +49,8 @@ pub(super) struct Ctx<'a> {
     pub temb_act: &'a Tensor,
     pub context: &'a Tensor,
     pub checkpoint: bool,
+    /// Where the backward adds the gradient at `context` (`None`: not wanted).
+    pub d_context: Option<&'a Tensor>,
 }
 
 /// The block's shape as the config gives it (see `UNet2DConditionModel::load`).
@@ -111,7 +113,7 @@ fn attn_fwd(gpu: &Gpu, p: &LoraParams, c: &Ctx<'_>, a: &Transformer, x: &Tensor)
 
 fn attn_bwd(gpu: &Gpu, p: &LoraParams, c: &Ctx<'_>, a: &Transformer, k: Kept<TransformerSaved>, dy: &Tensor) -> Result<Tensor> {
     let s = k.restore(|x| a.forward(gpu, p, x, c.context))?;
-    a.backward(gpu, p, s, dy)
+    a.backward(gpu, p, s, dy, c.d_context)
 }
 
 /// `g + extra` in place on `g` (a skip connection's gradient joining the main path's).

@@ -1,5 +1,6 @@
-//! Training of LoRA / LoCon adapters on the UNet: the training forward of diffusers'
-//! `UNet2DConditionModel` and its backward with respect to the adapters' parameters, the base
+//! Training of LoRA / LoCon adapters on the UNet (and LoRA on the CLIP text encoder): the
+//! training forward of diffusers' `UNet2DConditionModel` and its backward with respect to the
+//! adapters' parameters, the base
 //! frozen in its loaded weight type (f32, f16, q8_0 or q4_0, dequantized inside the kernels).
 //!
 //! - [`LoraParams`] ([`params`]): the trainable adapters (kohya's layout and initialisation),
@@ -25,18 +26,24 @@
 //!   resampler (keep the input, recompute the module's forward before its backward): the same
 //!   gradients for less memory.
 //!
+//! - [`TrainClip`] ([`clip`]): the text encoder's training forward from its (frozen)
+//!   embeddings and its backward from the gradient at the prompt embedding, which
+//!   [`TrainUNet::backward_with_context_grad`] returns.
+//!
 //! Submodules: `layers` (frozen layers linked to adapters), `attention`, `transformer`,
-//! `resnet`, `blocks` (levels and checkpointing), `unet`.
+//! `resnet`, `blocks` (levels and checkpointing), `unet`, `clip`.
 //!
 //! [`UNet2DConditionModel`]: crate::model::unet::UNet2DConditionModel
 
 mod attention;
 mod blocks;
+pub mod clip;
 mod layers;
 pub mod params;
 mod resnet;
 mod transformer;
 pub mod unet;
 
+pub use clip::{ClipTape, TrainClip};
 pub use params::{LoraConfig, LoraKind, LoraLayer, LoraParams, Targets, Trainable};
 pub use unet::{mse_loss_grad, Tape, TrainOptions, TrainUNet};

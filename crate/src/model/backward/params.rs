@@ -1,5 +1,10 @@
-//! The trainable adapters of a UNet: one LoRA (linear layers) or LoCon (convolutions) per
-//! target layer, their gradient buffers, and the named tensors the optimizer and exporters use.
+//! The trainable adapters of a UNet or a CLIP text encoder: one LoRA (linear layers) or LoCon
+//! (convolutions) per target layer, their gradient buffers, and the named tensors the optimizer
+//! and exporters use.
+//!
+//! The text encoder's targets are kohya's: every linear layer of each `CLIPAttention`
+//! (`q_proj`, `k_proj`, `v_proj`, `out_proj`) and `CLIPMLP` (`fc1`, `fc2`) of the layers the
+//! prompt embedding is taken from, named `lora_te_text_model_encoder_layers_<i>_…`.
 //!
 //! Layout per layer, as kohya sd-scripts' `LoRAModule` holds it: `down` (`lora_down`, A) and
 //! `up` (`lora_up`, B) f32 GPU tensors, `alpha`, and the scale `alpha / rank`; a linear layer
@@ -15,6 +20,7 @@
 use crate::error::{shape_err, Error, Result};
 use crate::gpu::Gpu;
 use crate::lora::{BaseModel, Delta, Format, HostTensor, LayerAdapter, LoraFile, Metadata, Target};
+use crate::model::clip::ClipTextModel;
 use crate::model::unet::UNet2DConditionModel;
 use crate::nn::{LayerMut, VisitLayers};
 use crate::ops::conv::Conv2dParams;
@@ -120,7 +126,9 @@ pub enum LoraKind {
 
 /// One layer's adapter and its gradients.
 pub struct LoraLayer {
-    /// diffusers module path (`down_blocks.0.attentions.0.transformer_blocks.0.attn1.to_q`).
+    /// The model it adapts.
+    pub target: Target,
+    /// diffusers (UNet) or transformers (text encoder) module path (`down_blocks.0.attentions.0.transformer_blocks.0.attn1.to_q`).
     pub module: String,
     pub kind: LoraKind,
     pub rank: usize,
@@ -141,9 +149,13 @@ impl LoraLayer {
         self.alpha / self.rank as f32
     }
 
-    /// The kohya key prefix: `lora_unet_` and the module path with `_` for `.`.
+    /// The kohya key prefix: `lora_unet_` or `lora_te_` and the module path with `_` for `.`.
     pub fn kohya_prefix(&self) -> String {
-        format!("lora_unet_{}", self.module.replace('.', "_"))
+        let model = match self.target {
+            Target::Unet => "unet",
+            Target::TextEncoder => "te",
+        };
+        format!("lora_{model}_{}", self.module.replace('.', "_"))
     }
 
     /// Shapes of `down` and `up` as adapter files store them.
@@ -164,13 +176,14 @@ impl LoraLayer {
 
 /// A trainable tensor with its gradient, named by its kohya key.
 pub struct Trainable<'a> {
-    /// `lora_unet_<module>.lora_down.weight` or `….lora_up.weight`.
+    /// `lora_unet_<module>.lora_down.weight` (`lora_te_…` on the text encoder) or
+    /// `….lora_up.weight`.
     pub name: String,
     pub param: &'a Tensor,
     pub grad: &'a Tensor,
 }
 
-/// Every adapter of a UNet, in the model's layer order.
+/// Every adapter of a UNet or a text encoder, in the model's layer order.
 pub struct LoraParams {
     layers: Vec<LoraLayer>,
     config: LoraConfig,
@@ -199,7 +212,42 @@ impl LoraParams {
             }
             _ => {}
         });
-        let mut rng = Rng::new(config.seed);
+        Self::create(gpu, found, config, Target::Unet, Rng::new(config.seed))
+    }
+
+    /// New adapters on the text encoder's attention and MLP projections of its first `layers`
+    /// encoder layers (those the prompt embedding is computed from); rank and alpha as the
+    /// config's linear ones, A seeded from the config's seed (another stream than the UNet's).
+    pub fn new_text_encoder(gpu: &Gpu, model: &mut ClipTextModel, config: &LoraConfig, layers: usize) -> Result<Self> {
+        if config.rank == 0 {
+            return Err(Error::Invalid("LoRA rank 0 must be at least 1".into()));
+        }
+        const PROJECTIONS: [&str; 6] =
+            ["self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.out_proj", "mlp.fc1", "mlp.fc2"];
+        let selects = |name: &str| {
+            let Some(rest) = name.strip_prefix("text_model.encoder.layers.") else { return false };
+            let Some((i, module)) = rest.split_once('.') else { return false };
+            i.parse::<usize>().is_ok_and(|i| i < layers) && PROJECTIONS.contains(&module)
+        };
+        let mut found: Vec<(String, LoraKind, Vec<usize>)> = vec![];
+        model.visit_layers(&mut |layer| {
+            if let LayerMut::Linear(l) = layer {
+                if selects(&l.name) {
+                    found.push((l.name.clone(), LoraKind::Linear, l.weight.shape().to_vec()));
+                }
+            }
+        });
+        let config = LoraConfig { targets: Targets::Attn, ..config.clone() };
+        Self::create(gpu, found, &config, Target::TextEncoder, Rng::new(config.seed ^ 0x7465_7874_656e_636f))
+    }
+
+    fn create(
+        gpu: &Gpu,
+        found: Vec<(String, LoraKind, Vec<usize>)>,
+        config: &LoraConfig,
+        target: Target,
+        mut rng: Rng,
+    ) -> Result<Self> {
         let mut layers = Vec::with_capacity(found.len());
         for (module, kind, w) in found {
             let (rank, alpha) = match kind {
@@ -215,6 +263,7 @@ impl LoraParams {
             let bound = 1.0 / (fan_in as f32).sqrt();
             let a = rng.uniform_vec(down_shape.iter().product(), -bound, bound);
             layers.push(LoraLayer {
+                target,
                 module,
                 kind,
                 rank,
@@ -226,7 +275,10 @@ impl LoraParams {
             });
         }
         if layers.is_empty() {
-            return Err(Error::Invalid(format!("the UNet has no `{}` layers to adapt", config.targets.name())));
+            return Err(Error::Invalid(match target {
+                Target::Unet => format!("the UNet has no `{}` layers to adapt", config.targets.name()),
+                Target::TextEncoder => "the text encoder has no attention or MLP layers to adapt".into(),
+            }));
         }
         Ok(Self { layers, config: config.clone() })
     }
@@ -312,7 +364,7 @@ impl LoraParams {
             let delta = Delta::LowRank { down, up, mid: None, scale: l.scale() };
             algorithms.push(delta.algorithm());
             layers.push(LayerAdapter {
-                target: Target::Unet,
+                target: l.target,
                 module: l.module.clone(),
                 key: l.kohya_prefix(),
                 delta,

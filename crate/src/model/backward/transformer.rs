@@ -63,18 +63,18 @@ impl Block {
         Ok((y, BlockSaved { x0: x.clone(), x1, x2, a1, a2, f: fs }))
     }
 
-    fn backward(&self, gpu: &Gpu, p: &LoraParams, s: BlockSaved, dy: &Tensor) -> Result<Tensor> {
+    fn backward(&self, gpu: &Gpu, p: &LoraParams, s: BlockSaved, dy: &Tensor, d_context: Option<&Tensor>) -> Result<Tensor> {
         // Each residual step `y = x + f(norm(x))`: dx = dy + norm'ᵀ(f'ᵀ(dy)).
         let dn = self.ff.backward(gpu, p, s.f, dy)?;
         let dx2 = self.norm3.backward(gpu, &s.x2, &dn)?;
         drop((dn, s.x2));
         accumulate(gpu, &dx2, dy, 1.0)?;
-        let dn = self.attn2.backward(gpu, p, s.a2, &dx2)?;
+        let dn = self.attn2.backward(gpu, p, s.a2, &dx2, d_context)?;
         let dx1 = self.norm2.backward(gpu, &s.x1, &dn)?;
         drop((dn, s.x1));
         accumulate(gpu, &dx1, &dx2, 1.0)?;
         drop(dx2);
-        let dn = self.attn1.backward(gpu, p, s.a1, &dx1)?;
+        let dn = self.attn1.backward(gpu, p, s.a1, &dx1, d_context)?;
         let dx0 = self.norm1.backward(gpu, &s.x0, &dn)?;
         drop((dn, s.x0));
         accumulate(gpu, &dx0, &dx1, 1.0)?;
@@ -144,14 +144,23 @@ impl Transformer {
         Ok((y, TransformerSaved { x: x.clone(), proj_in, blocks, proj_out }))
     }
 
-    pub fn backward(&self, gpu: &Gpu, p: &LoraParams, s: TransformerSaved, dy: &Tensor) -> Result<Tensor> {
+    /// The gradient at `x`; the cross-attentions add theirs at the context to `d_context` when
+    /// one is given.
+    pub fn backward(
+        &self,
+        gpu: &Gpu,
+        p: &LoraParams,
+        s: TransformerSaved,
+        dy: &Tensor,
+        d_context: Option<&Tensor>,
+    ) -> Result<Tensor> {
         let shape = s.x.shape().to_vec();
         let (b, c, hw) = (shape[0], shape[1], shape[2] * shape[3]);
         let d_o = transpose_last2(gpu, &dy.reshape(&[b, c, hw])?)?; // [B, HW, C]
         let mut dh = need(self.proj_out.backward(gpu, p, s.proj_out, &d_o, true)?, "proj_out")?;
         drop(d_o);
         for (block, bs) in self.blocks.iter().zip(s.blocks).rev() {
-            dh = block.backward(gpu, p, bs, &dh)?;
+            dh = block.backward(gpu, p, bs, &dh, d_context)?;
         }
         let dt = need(self.proj_in.backward(gpu, p, s.proj_in, &dh, true)?, "proj_in")?;
         drop(dh);

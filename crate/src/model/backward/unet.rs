@@ -176,7 +176,7 @@ impl TrainUNet {
         } else {
             sample.clone()
         };
-        let ctx = Ctx { temb_act: &temb_act, context: encoder_hidden_states, checkpoint: opts.checkpointing };
+        let ctx = Ctx { temb_act: &temb_act, context: encoder_hidden_states, checkpoint: opts.checkpointing, d_context: None };
         let mut h = self.conv_in.forward(gpu, p, &x)?.0;
         drop(x);
         let mut skips = vec![h.clone()];
@@ -218,6 +218,19 @@ impl TrainUNet {
     /// [`LoraParams::zero_grads`] between steps; without that, calls accumulate). Nothing
     /// upstream of `conv_in` is differentiated.
     pub fn backward(&self, gpu: &Gpu, tape: Tape, d_out: &Tensor) -> Result<()> {
+        self.backward_into(gpu, tape, d_out, None)
+    }
+
+    /// [`Self::backward`], also returning the gradient at `encoder_hidden_states`
+    /// (`[B, M, D]`, the sum over every cross-attention's keys and values) for training the
+    /// text encoder.
+    pub fn backward_with_context_grad(&self, gpu: &Gpu, tape: Tape, d_out: &Tensor) -> Result<Tensor> {
+        let d_context = Tensor::zeros(gpu, tape.context.shape())?;
+        self.backward_into(gpu, tape, d_out, Some(&d_context))?;
+        Ok(d_context)
+    }
+
+    fn backward_into(&self, gpu: &Gpu, tape: Tape, d_out: &Tensor, d_context: Option<&Tensor>) -> Result<()> {
         if d_out.shape() != tape.out_shape {
             return Err(shape_err(
                 "TrainUNet::backward",
@@ -227,7 +240,7 @@ impl TrainUNet {
         d_out.expect_f32("TrainUNet::backward")?;
         let p = &self.params;
         let Tape { temb_act, context, checkpointing, down, mid, up, norm_out_x, conv_out, skips, .. } = tape;
-        let ctx = Ctx { temb_act: &temb_act, context: &context, checkpoint: checkpointing };
+        let ctx = Ctx { temb_act: &temb_act, context: &context, checkpoint: checkpointing, d_context };
         let dn = need(self.conv_out.backward(gpu, p, conv_out, d_out, true)?, "conv_out")?;
         let mut g = self.conv_norm_out.backward(gpu, &norm_out_x, &dn, true)?;
         drop((dn, norm_out_x));

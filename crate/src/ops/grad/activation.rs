@@ -1,6 +1,6 @@
-//! Backward of SiLU, exact GELU, GEGLU and the nearest 2× upsample, and in-place gradient
+//! Backward of SiLU, exact GELU, quick GELU, GEGLU and the nearest 2× upsample, and in-place gradient
 //! accumulation for residual branches (`shaders/grad_activation.wgsl`). The forward ops are
-//! [`crate::ops::elementwise`] (`Unary::Silu`, `Unary::Gelu`, `geglu`) and
+//! [`crate::ops::elementwise`] (`Unary::Silu`, `Unary::Gelu`, `Unary::QuickGelu`, `geglu`) and
 //! [`crate::ops::layout::upsample_nearest2x`].
 
 use crate::error::{shape_err, Error, Result};
@@ -16,7 +16,7 @@ pub static SHADERS: &[ShaderSource] = &[ShaderSource {
     source: crate::wgsl!("grad_activation.wgsl"),
     flag_axes: &[],
     values: &[],
-    entries: &["silu_grad", "gelu_grad", "geglu_grad", "upsample2x_grad", "accumulate"],
+    entries: &["silu_grad", "gelu_grad", "quick_gelu_grad", "geglu_grad", "upsample2x_grad", "accumulate"],
     top_level: true,
 }];
 
@@ -67,6 +67,11 @@ pub fn silu_backward(gpu: &Gpu, x: &Tensor, dy: &Tensor) -> Result<Tensor> {
 /// Input gradient of the exact (erf) GELU at `x` given `dy` (same shape).
 pub fn gelu_backward(gpu: &Gpu, x: &Tensor, dy: &Tensor) -> Result<Tensor> {
     elementwise_grad(gpu, "gelu_backward", "gelu_grad", x, dy)
+}
+
+/// Input gradient of CLIP's quick GELU `x·σ(1.702·x)` at `x` given `dy` (same shape).
+pub fn quick_gelu_backward(gpu: &Gpu, x: &Tensor, dy: &Tensor) -> Result<Tensor> {
+    elementwise_grad(gpu, "quick_gelu_backward", "quick_gelu_grad", x, dy)
 }
 
 /// Input gradient of [`crate::ops::elementwise::geglu`] at `x: [..., 2D]` given
@@ -165,6 +170,21 @@ pub mod reference {
 
     pub fn gelu_backward(x: &[f64], dy: &[f64]) -> Vec<f64> {
         x.iter().zip(dy).map(|(&v, g)| g * gelu1_grad(v)).collect()
+    }
+
+    /// CLIP's quick GELU, `x·σ(1.702·x)`.
+    pub fn quick_gelu(x: &[f64]) -> Vec<f64> {
+        x.iter().map(|&v| v * sigmoid(1.702 * v)).collect()
+    }
+
+    pub fn quick_gelu_backward(x: &[f64], dy: &[f64]) -> Vec<f64> {
+        x.iter()
+            .zip(dy)
+            .map(|(&v, g)| {
+                let s = sigmoid(1.702 * v);
+                g * (s + 1.702 * v * s * (1.0 - s))
+            })
+            .collect()
     }
 
     /// GEGLU over rows of `2·d` values: `hidden · gelu(gate)`.

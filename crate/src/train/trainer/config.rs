@@ -28,6 +28,10 @@ pub struct TrainConfig {
     pub conv_alpha: f32,
     /// Base learning rate of the UNet adapters.
     pub lr: f64,
+    /// Base learning rate of the text encoder's adapters (same schedule); `None`: the text
+    /// encoder is not trained and the prompt embeddings are cached.
+    #[serde(default)]
+    pub te_lr: Option<f64>,
     /// One of [`SCHEDULES`].
     pub schedule: String,
     pub warmup_steps: u64,
@@ -50,7 +54,7 @@ pub struct TrainConfig {
     /// Seeds A's initialisation, the image order, flips, the posterior samples, the noise and
     /// the timesteps.
     pub seed: u64,
-    /// diffusers `clip_skip` of the cached prompt embeddings (0 = last layer).
+    /// diffusers `clip_skip` of the prompt embeddings (0 = last layer).
     pub clip_skip: usize,
     /// Gradient checkpointing ([`crate::model::backward::TrainOptions::checkpointing`]): less
     /// memory, about one more forward pass of time, the same results.
@@ -66,6 +70,7 @@ impl Default for TrainConfig {
             conv_rank: 8,
             conv_alpha: 4.0,
             lr: 1e-4,
+            te_lr: None,
             schedule: "constant".into(),
             warmup_steps: 0,
             cycles: 1,
@@ -110,6 +115,11 @@ impl TrainConfig {
         if !self.lr.is_finite() || self.lr <= 0.0 || self.lr > 1.0 {
             return Err(invalid("lr", format!("{} must be a number in (0, 1] (1e-4 is typical)", self.lr)));
         }
+        if let Some(lr) = self.te_lr {
+            if !lr.is_finite() || lr <= 0.0 || lr > 1.0 {
+                return Err(invalid("te_lr", format!("{lr} must be a number in (0, 1] (5e-5 is typical)")));
+            }
+        }
         for (what, v) in [("beta1", self.beta1), ("beta2", self.beta2)] {
             if !(0.0..1.0).contains(&v) {
                 return Err(invalid(what, format!("{v} must be in [0, 1)")));
@@ -118,7 +128,8 @@ impl TrainConfig {
         if !self.eps.is_finite() || self.eps <= 0.0 {
             return Err(invalid("eps", format!("{} must be > 0", self.eps)));
         }
-        if !self.weight_decay.is_finite() || self.weight_decay < 0.0 || self.lr * self.weight_decay >= 1.0 {
+        let max_lr = self.lr.max(self.te_lr.unwrap_or(0.0));
+        if !self.weight_decay.is_finite() || self.weight_decay < 0.0 || max_lr * self.weight_decay >= 1.0 {
             return Err(invalid("weight_decay", format!("{} must be >= 0 with lr × weight_decay < 1", self.weight_decay)));
         }
         if self.steps == 0 || self.steps > i32::MAX as u64 {
@@ -284,6 +295,8 @@ mod tests {
             TrainConfig { targets: "all".into(), ..c.clone() },
             TrainConfig { warmup_steps: 2000, ..c.clone() },
             TrainConfig { batch: 0, ..c.clone() },
+            TrainConfig { te_lr: Some(0.0), ..c.clone() },
+            TrainConfig { te_lr: Some(f64::NAN), ..c.clone() },
         ] {
             assert!(bad.validate().is_err(), "{bad:?}");
         }

@@ -3,7 +3,8 @@
 //! path a finished LoRA file takes), each sample prompt is generated as
 //! [`crate::pipeline::StableDiffusionPipeline::generate`] does it (the same noise for the same
 //! seed, the same sampler, guidance and decode), and the adapters are removed again. The
-//! prompt embeddings were cached when the run started.
+//! prompt embeddings were cached when the run started, or, when the text encoder trains, are
+//! made with its adapters as they are now.
 
 use super::Trainer;
 use crate::adapter;
@@ -60,30 +61,39 @@ impl Trainer {
         if self.samples.is_none() {
             return Err(Error::Invalid("this run was set up without sample prompts".into()));
         }
+        // A trained text encoder makes the prompts' embeddings anew.
+        let fresh = match &self.te {
+            Some(te) => Some(te.sample_embeddings(gpu).await?),
+            None => None,
+        };
         let file = self.train.params().to_lora_file(gpu, "training").await?;
         adapter::install(gpu, &mut self.unet, Target::Unet, &[&file], &[1.0]).await?;
-        let out = self.generate_all(gpu).await;
+        let out = self.generate_all(gpu, fresh).await;
         adapter::clear(&mut self.unet);
         out
     }
 
-    async fn generate_all(&self, gpu: &Gpu) -> Result<Vec<SampleImage>> {
+    async fn generate_all(&self, gpu: &Gpu, fresh: Option<Vec<Vec<f32>>>) -> Result<Vec<SampleImage>> {
         let Some(s) = &self.samples else { return Ok(vec![]) };
-        let mut out = Vec::with_capacity(s.prompts.len());
-        for (prompt, embeds) in s.settings.prompts.iter().zip(&s.prompts) {
-            let (width, height, rgb) = self.generate_one(gpu, s, embeds).await?;
+        let (prompts, negative) = match fresh.as_ref().and_then(|f| f.split_last()) {
+            Some((negative, prompts)) => (prompts, negative),
+            None => (s.prompts.as_slice(), &s.negative),
+        };
+        let mut out = Vec::with_capacity(prompts.len());
+        for (prompt, embeds) in s.settings.prompts.iter().zip(prompts) {
+            let (width, height, rgb) = self.generate_one(gpu, s, embeds, negative).await?;
             out.push(SampleImage { prompt: prompt.clone(), step: self.step, width, height, rgb });
         }
         Ok(out)
     }
 
-    async fn generate_one(&self, gpu: &Gpu, s: &Sampling, embeds: &[f32]) -> Result<(usize, usize, Vec<u8>)> {
+    async fn generate_one(&self, gpu: &Gpu, s: &Sampling, embeds: &[f32], negative: &[f32]) -> Result<(usize, usize, Vec<u8>)> {
         let set = &s.settings;
         let mut sampler = Sampler::new(set.sampler, &self.scheduler)?;
         sampler.set_timesteps(set.steps)?;
         let guidance = Guidance::for_unet(set.cfg, None);
         let batch = guidance.batch();
-        let context: Vec<f32> = if batch == 2 { s.negative.iter().chain(embeds).copied().collect() } else { embeds.to_vec() };
+        let context: Vec<f32> = if batch == 2 { negative.iter().chain(embeds).copied().collect() } else { embeds.to_vec() };
         let context = Tensor::from_f32(gpu, &[batch, s.embed_shape[0], s.embed_shape[1]], &context)?;
         let [c, h, w] = self.latent_shape;
         let shape = [1, c, h, w];

@@ -1,7 +1,8 @@
 //! Checkpoints of a run and the finished adapter.
 //!
 //! A checkpoint ([`Trainer::save_state`]) is a safetensors file of f32 tensors: every trainable
-//! tensor under its kohya name (`lora_unet_<module>.lora_down.weight` / `.lora_up.weight`) and
+//! tensor under its kohya name (`lora_unet_<module>.lora_down.weight` / `.lora_up.weight`, and
+//! `lora_te_…` when the text encoder trains) and
 //! AdamW's moments as `adamw.exp_avg.<name>` / `adamw.exp_avg_sq.<name>`; its metadata entry
 //! [`STATE_KEY`] holds JSON with the format ([`STATE_FORMAT`]), the steps done, the run's
 //! [`TrainConfig`] (seed included: every random number of the remaining steps derives from it),
@@ -18,7 +19,7 @@ use crate::error::{Error, Result};
 use crate::gpu::Gpu;
 use crate::io::safetensors::SafetensorsFile;
 use crate::io::safetensors_write::to_bytes;
-use crate::lora::{HostTensor, LayerShape, Target};
+use crate::lora::{HostTensor, LayerShape};
 use crate::model::backward::{LoraKind, Targets};
 use crate::sampler::PredictionType;
 use crate::train::data::{Augment, Dataset};
@@ -64,9 +65,9 @@ fn bad(file: &str, tensor: Option<&str>, message: impl Into<String>) -> Error {
 impl Trainer {
     /// The run's state after [`Self::steps_done`] steps, as a safetensors file.
     pub async fn save_state(&self, gpu: &Gpu) -> Result<Vec<u8>> {
-        let trainable = self.train.params().trainable();
-        let mut values: Vec<(String, Vec<usize>, Vec<f32>)> = Vec::with_capacity(3 * trainable.len());
-        for (t, (m, v)) in trainable.iter().zip(&self.moments) {
+        let groups = self.groups();
+        let mut values: Vec<(String, Vec<usize>, Vec<f32>)> = Vec::with_capacity(3 * groups.len());
+        for (t, (m, v), _) in &groups {
             let shape = t.param.shape().to_vec();
             values.push((t.name.clone(), shape.clone(), t.param.to_f32(gpu).await?));
             values.push((format!("adamw.exp_avg.{}", t.name), shape.clone(), m.to_f32(gpu).await?));
@@ -116,10 +117,10 @@ impl Trainer {
         if s.step > self.config.steps {
             return Err(bad(file, None, format!("holds {} steps, more than this run's {}", s.step, self.config.steps)));
         }
-        let trainable = self.train.params().trainable();
+        let groups = self.groups();
         // Read and check everything before writing anything.
-        let mut values = Vec::with_capacity(3 * trainable.len());
-        for t in &trainable {
+        let mut values = Vec::with_capacity(3 * groups.len());
+        for (t, _, _) in &groups {
             for name in [t.name.clone(), format!("adamw.exp_avg.{}", t.name), format!("adamw.exp_avg_sq.{}", t.name)] {
                 let e = f.get(&name).ok_or_else(|| {
                     bad(file, Some(&name), "is missing: the checkpoint was made for other adapter layers")
@@ -135,12 +136,13 @@ impl Trainer {
             }
         }
         let mut it = values.iter();
-        for (t, (m, v)) in trainable.iter().zip(&self.moments) {
+        for (t, (m, v), _) in &groups {
             for dst in [t.param, m, v] {
                 let src = it.next().ok_or_else(|| bad(file, None, "fewer tensors than adapter layers"))?;
                 gpu.write(dst.buffer(), 0, bytemuck::cast_slice(src))?;
             }
         }
+        drop(groups);
         self.step = s.step;
         self.loss_avg = s.loss_average;
         Ok(())
@@ -149,7 +151,8 @@ impl Trainer {
     /// The adapters as exportable layers (values read back from the GPU).
     pub async fn trained_layers(&self, gpu: &Gpu) -> Result<Vec<TrainedLayer>> {
         let mut out = vec![];
-        for l in self.train.params().layers() {
+        let te = self.te.as_ref().map(|t| t.params().layers()).unwrap_or_default();
+        for l in self.train.params().layers().iter().chain(te) {
             let (d, u) = (l.down.shape().to_vec(), l.up.shape().to_vec());
             let (rank, cin, cout) = (d[0], d.get(1).copied().unwrap_or(0), u[0]);
             let shape = match l.kind {
@@ -162,7 +165,7 @@ impl Trainer {
                 _ => vec![rank, cin],
             };
             out.push(TrainedLayer {
-                target: Target::Unet,
+                target: l.target,
                 module: l.module.clone(),
                 shape,
                 down: HostTensor::new(down_shape, l.down.to_f32(gpu).await?)?,
@@ -184,8 +187,8 @@ impl Trainer {
             network_alpha: c.alpha,
             learning_rate: c.lr,
             unet_lr: Some(c.lr),
-            text_encoder_lr: None,
-            train_text_encoder: false,
+            text_encoder_lr: c.te_lr,
+            train_text_encoder: c.te_lr.is_some(),
             lr_scheduler: c.schedule.clone(),
             lr_warmup_steps: c.warmup_steps.min(u32::MAX as u64) as u32,
             max_train_steps: c.steps.min(u32::MAX as u64) as u32,
