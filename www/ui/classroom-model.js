@@ -12,6 +12,7 @@ import { base, coalesce, fmt, imageControls, images } from "./classroom-images.j
 
 /** ΔW of one layer as a heat map: blue negative, red positive, white zero (scaled to ±max). */
 function heatMap({ rows, cols, values, max }, layer) {
+  // Large layers arrive pooled (each cell the largest-magnitude value of its block).
   const scale = Math.max(1, Math.floor(256 / Math.max(rows, cols)));
   const canvas = el("canvas", { class: "classroom-heat", width: cols * scale, height: rows * scale, role: "img" });
   const ctx = canvas.getContext("2d");
@@ -26,7 +27,7 @@ function heatMap({ rows, cols, values, max }, layer) {
   tmp.getContext("2d").putImageData(img, 0, 0);
   ctx.imageSmoothingEnabled = false;
   ctx.drawImage(tmp, 0, 0, cols * scale, rows * scale);
-  canvas.setAttribute("aria-label", `Weight difference of ${layer}: ${rows} × ${cols}, largest |ΔW| ${max.toPrecision(3)}`);
+  canvas.setAttribute("aria-label", `Weight difference of ${layer}: ${rows} × ${cols} cells, largest |ΔW| ${max.toPrecision(3)}`);
   return canvas;
 }
 
@@ -68,8 +69,9 @@ const merge = {
       }
       const map = await app.engine.call("lora_delta_map", { id: a.id, layer: params.layer, strength: s });
       if (!ctx.live()) return;
-      heat.replaceChildren(el("h4", {}, `ΔW of ${params.layer} at strength ${fmt(s)}`), heatMap(map, params.layer),
-        el("p", { class: "hint" }, `Red: the merge added to the weight, blue: it subtracted; full colour = ${map.max.toPrecision(3)}.`));
+      const size = map.full_rows ? `${map.full_rows} × ${map.full_cols}` : `${map.rows} × ${map.cols}`;
+      heat.replaceChildren(el("h4", {}, `ΔW of ${params.layer} (${size}) at strength ${fmt(s)}`), heatMap(map, params.layer),
+        el("p", { class: "hint" }, `What the merge added to each weight of this layer: red up, blue down, full colour = ${map.max.toPrecision(3)}.`));
     };
     const run = coalesce(ctx, async () => {
       const s = numbers(params.s, "strength", { min: -4, max: 4, count: 1 })[0];

@@ -37,7 +37,11 @@ const counter = {
   defaults: { layer: "textbook", rank: "4" },
   async mount(ctx) {
     const { app, params, controls, results } = ctx;
-    const layerOptions = [["textbook", "Textbook example: 1024 × 1024"], ["unet", "The whole UNet (every layer an adapter can train)"], ["custom", "Custom d × k"]];
+    const TARGETS = {
+      unet: "every UNet layer", attn: "the UNet's attention layers", "attn+ff": "attention and feed-forward layers",
+      "attn+ff+conv": "attention, feed-forward and convolution layers",
+    };
+    const layerOptions = [["textbook", "Textbook example: 1024 × 1024"], ...Object.entries(TARGETS).map(([k, v]) => [k, `The demo model: ${v}`]), ["custom", "Custom d × k"]];
     let layers = [];
     const draw = () => ctx.busy(async () => {
       const rank = numbers(params.rank, "rank", { min: 1, max: 4096, count: 1 })[0];
@@ -51,22 +55,23 @@ const counter = {
         const k = numbers(params.k ?? "768", "k", { min: 1, max: 1e6, count: 1 })[0];
         args = { shape: [d, k], rank };
         shapeText = `${d} × ${k}`;
-      } else if (params.layer === "unet") {
-        args = { target: "unet", rank };
-        shapeText = "every UNet layer";
+      } else if (TARGETS[params.layer]) {
+        args = { target: params.layer, rank };
+        shapeText = TARGETS[params.layer];
       } else {
         const l = layers.find((x) => x.name === params.layer);
         if (!l) throw new Error(`the demo model has no layer "${params.layer}"`);
         args = { shape: l.shape, rank };
         shapeText = l.shape.join(" × ");
       }
+      if (args.target) await demoModel(app, results);
       const c = await app.engine.call("param_counts", args);
       if (!ctx.live()) return;
       const d = args.shape?.[0];
       const k = args.shape ? args.shape.slice(1).reduce((x, y) => x * y, 1) : null;
       const formula = args.shape
         ? `d × k = ${int(d)} × ${int(k)} = ${int(c.full)} values; LoRA: r·(d + k) = ${rank} × (${int(d)} + ${int(k)}) = ${int(c.lora)}`
-        : `${int(c.full)} values in the full layers; LoRA at rank ${rank}: ${int(c.lora)}`;
+        : `${int(c.layers)} layers: ${int(c.full)} values in their full weights; LoRA at rank ${rank}: ${int(c.lora)}`;
       const rows = METHODS.map(([m, name]) => el("tr", { dataset: { method: m } },
         el("th", { scope: "row" }, name),
         el("td", { class: "num" }, int(c[m])),
@@ -105,7 +110,7 @@ const counter = {
       if (ctx.live()) rerender();
     };
     rerender();
-    if (!["textbook", "unet", "custom"].includes(params.layer)) {
+    if (params.layer !== "textbook" && params.layer !== "custom" && !TARGETS[params.layer]) {
       // A link to one of the demo model's layers: list them first.
       await demoModel(app, results);
       await ctx.busy(listLayers);
@@ -249,8 +254,8 @@ const resize = {
         el("table", { class: "classroom-table", "aria-label": "Resized layers" },
           el("thead", {}, el("tr", {}, ...["Layer", "Rank", "New rank", "Energy kept", "Relative error"].map((h) => el("th", { scope: "col" }, h)))),
           el("tbody", {}, ...r.layers.map((l) => el("tr", {},
-            el("td", {}, l.name), el("td", { class: "num" }, l.old_rank), el("td", { class: "num" }, l.new_rank),
-            el("td", { class: "num" }, pct(l.energy)), el("td", { class: "num" }, l.error.toPrecision(3)))))),
+            el("td", {}, l.module ?? l.name), el("td", { class: "num" }, l.old_rank ?? "full"), el("td", { class: "num" }, l.new_rank),
+            el("td", { class: "num" }, pct(l.energy)), el("td", { class: "num" }, Number(l.relative_error ?? l.error).toPrecision(3)))))),
       );
       ctx.status("Resized by the engine (truncated SVD of each layer's ΔW).");
       // The resized adapter can be used in the rank and spectrum demonstrations of this page too.
