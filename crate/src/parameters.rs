@@ -200,6 +200,20 @@ pub fn parse(text: &str, source: &str) -> Result<Parameters> {
     })
 }
 
+/// Reads the A1111 `parameters` of a PNG named `file` (a dropped or picked file): the parsed
+/// settings and the raw text. Errors name the file and say what is wrong with it.
+pub fn read_png(bytes: &[u8], file: &str) -> Result<(Parameters, String)> {
+    let png = crate::io::png::decode_file(bytes, file)?;
+    let text = png.text("parameters").ok_or_else(|| Error::Format {
+        file: file.to_string(),
+        tensor: None,
+        message: "this PNG carries no generation parameters (no `parameters` text chunk); choose an image saved by \
+                  loralab, A1111 or a compatible program"
+            .into(),
+    })?;
+    Ok((parse(text, file)?, text.to_string()))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -319,11 +319,20 @@ fn pickles_and_models_are_refused() {
         let err = open_lora(vec![0u8; 64], name, &cfg).expect_err("pickle").to_string();
         assert!(err.contains("unpickling can run arbitrary code") && err.contains(name), "{err}");
     }
-    // A zip (torch.save) renamed to .safetensors is recognised by its magic bytes.
+    // A zip (torch.save: `archive/data.pkl` inside) renamed to .safetensors is recognised by
+    // its magic bytes; any other zip is an archive to extract the adapter from.
     let mut zip = b"PK\x03\x04".to_vec();
+    zip.resize(30, 0);
+    zip.extend_from_slice(b"archive/data.pkl");
     zip.resize(64, 0);
     let err = open_lora(zip, "renamed.safetensors", &cfg).expect_err("zip").to_string();
     assert!(err.contains("convert it to .safetensors"), "{err}");
+    let mut zip = b"PK\x03\x04".to_vec();
+    zip.resize(30, 0);
+    zip.extend_from_slice(b"style.safetensors");
+    zip.resize(64, 0);
+    let err = open_lora(zip, "style.zip", &cfg).expect_err("zip").to_string();
+    assert!(err.contains("is a zip archive") && err.contains("extract it"), "{err}");
     let model = fixture("models/tiny-sd15-a.safetensors");
     let reader = loralab::io::LocalFile::open(&model).expect("fixture");
     let err = open_lora(reader, "tiny-sd15-a.safetensors", &cfg).expect_err("a model is not an adapter").to_string();

@@ -46,3 +46,4 @@ mod train_loop;
 mod train_cli;
 mod train_clip;
 mod bench_train;
+mod malformed;

@@ -31,18 +31,7 @@ struct ReadParameters {
 #[wasm_bindgen]
 pub fn parameters_read(file: Blob, name: String) -> Result<JsValue, JsValue> {
     let bytes = BlobReader::new(file, name.clone()).read_all().map_err(err)?;
-    let png = loralab::io::png::decode(&bytes).map_err(|e| match e {
-        Error::Format { message, .. } => err(Error::Format { file: name.clone(), tensor: None, message }),
-        e => err(e),
-    })?;
-    let text = png.text("parameters").ok_or_else(|| {
-        err(Error::Format {
-            file: name.clone(),
-            tensor: None,
-            message: "this PNG carries no generation parameters (no `parameters` text chunk)".into(),
-        })
-    })?;
-    let p = parameters::parse(text, &name).map_err(err)?;
+    let (p, text) = parameters::read_png(&bytes, &name).map_err(err)?;
     to_js(&ReadParameters {
         prompt: p.prompt,
         negative: p.negative,
@@ -52,7 +41,7 @@ pub fn parameters_read(file: Blob, name: String) -> Result<JsValue, JsValue> {
         sampler: p.sampler.map(|s| s.name().to_string()),
         width: p.width,
         height: p.height,
-        raw: text.to_string(),
+        raw: text,
     })
 }
 

@@ -67,11 +67,54 @@ impl DecodedPng {
     }
 }
 
+/// The most pixels a PNG may have to be decoded (as for training images): the header's size
+/// is checked before the pixel buffer is allocated.
+pub const MAX_PIXELS: u64 = 50_000_000;
+
 /// Decodes a PNG with its text chunks.
 pub fn decode(bytes: &[u8]) -> Result<DecodedPng> {
+    decode_with(bytes, MAX_PIXELS)
+}
+
+/// Decodes a PNG named `file` (a dropped or picked file): errors are [`Error::Format`] naming
+/// it and saying what is wrong with it.
+pub fn decode_file(bytes: &[u8], file: &str) -> Result<DecodedPng> {
+    let bad = |message: String| Error::Format { file: file.to_string(), tensor: None, message };
+    if bytes.is_empty() {
+        return Err(bad("is empty (0 bytes); choose the PNG again".into()));
+    }
+    if bytes.get(..8) != Some(&SIGNATURE[..]) {
+        return Err(bad("is not a PNG image (the PNG signature is missing); choose a PNG written by an image generator".into()));
+    }
+    if let (Some(b"IHDR"), Some(w), Some(h)) = (bytes.get(12..16), bytes.get(16..20), bytes.get(20..24)) {
+        let (w, h) = (u32::from_be_bytes([w[0], w[1], w[2], w[3]]), u32::from_be_bytes([h[0], h[1], h[2], h[3]]));
+        if w as u64 * h as u64 > MAX_PIXELS {
+            return Err(bad(format!(
+                "is {w}×{h} pixels, more than the {} megapixels read here; scale it down",
+                MAX_PIXELS / 1_000_000
+            )));
+        }
+    }
+    decode_with(bytes, MAX_PIXELS).map_err(|e| match e {
+        Error::Invalid(m) => {
+            let m = m.strip_prefix("png: ").unwrap_or(&m).to_string();
+            bad(format!("could not be read as a PNG ({m}); the file may be truncated or damaged"))
+        }
+        other => other,
+    })
+}
+
+fn decode_with(bytes: &[u8], max_pixels: u64) -> Result<DecodedPng> {
     let mut dec = png::Decoder::new(std::io::Cursor::new(bytes));
     dec.set_transformations(png::Transformations::EXPAND | png::Transformations::STRIP_16);
     let mut reader = dec.read_info().map_err(err)?;
+    let (w, h) = (reader.info().width, reader.info().height);
+    if w as u64 * h as u64 > max_pixels {
+        return Err(err(format!(
+            "the image is {w}×{h} pixels, more than the {} megapixels read here",
+            max_pixels / 1_000_000
+        )));
+    }
     let size = reader.output_buffer_size().ok_or_else(|| err("image too large"))?;
     let mut pixels = vec![0u8; size];
     let frame = reader.next_frame(&mut pixels).map_err(err)?;

@@ -26,8 +26,25 @@ pub fn open_lora<R: RangeRead>(reader: R, name: &str, cfg: &PipelineConfig) -> R
         return Err(refuse_pickle(name));
     }
     let mut magic = [0u8; 4];
-    if reader.len() >= 4 && reader.read_at(0, &mut magic).is_ok() && (magic == *b"PK\x03\x04" || magic[0] == 0x80 && (2..=5).contains(&magic[1])) {
-        return Err(refuse_pickle(name));
+    if reader.len() >= 4 && reader.read_at(0, &mut magic).is_ok() {
+        if magic[0] == 0x80 && (2..=5).contains(&magic[1]) {
+            return Err(refuse_pickle(name));
+        }
+        if magic == *b"PK\x03\x04" {
+            // PyTorch's zip checkpoints hold `<name>/data.pkl`; any other zip is an archive
+            // the adapter has to be taken out of.
+            let mut head = vec![0u8; reader.len().min(1 << 16) as usize];
+            let pickled = reader.read_at(0, &mut head).is_ok() && head.windows(4).any(|w| w == b".pkl");
+            if pickled {
+                return Err(refuse_pickle(name));
+            }
+            return Err(Error::Format {
+                file: name.to_string(),
+                tensor: None,
+                message: "is a zip archive, not a .safetensors file: extract it and choose the .safetensors adapter inside"
+                    .into(),
+            });
+        }
     }
     let file = SafetensorsFile::open(reader, name)?;
     read_lora_for(&file, cfg)
@@ -178,8 +195,24 @@ fn fmt_err(file: &str, key: &str, message: impl Into<String>) -> Error {
     Error::Format { file: file.to_string(), tensor: Some(key.to_string()), message: message.into() }
 }
 
+/// Reads one tensor; NaN or infinite values are refused (they would turn every image that
+/// uses the adapter into noise or black).
 fn read<R: RangeRead>(file: &SafetensorsFile<R>, t: &TensorEntry) -> Result<HostTensor> {
     let data = file.read_f32(&t.name)?;
+    let bad = data.iter().filter(|v| !v.is_finite()).count();
+    if bad > 0 {
+        let first = data.iter().position(|v| !v.is_finite()).unwrap_or(0);
+        return Err(fmt_err(
+            file.name(),
+            &t.name,
+            format!(
+                "holds {bad} NaN or infinite value{} (the first at index {first}, {}); the adapter is damaged or its \
+                 training diverged: use an earlier checkpoint of it or train it again",
+                if bad == 1 { "" } else { "s" },
+                data.get(first).copied().unwrap_or(f32::NAN)
+            ),
+        ));
+    }
     HostTensor::new(t.shape.clone(), data).map_err(|e| fmt_err(file.name(), &t.name, e.to_string()))
 }
 

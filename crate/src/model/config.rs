@@ -78,6 +78,25 @@ fn check_list_len<T: Copy + Default>(file: &str, field: &str, v: &PerLevel<T>, l
     }
 }
 
+/// The largest channel count, width or vocabulary any configuration may give: far above every
+/// Stable Diffusion-class model (1280 UNet channels, 1024 text width), far below sizes whose
+/// buffers would overflow.
+const MAX_WIDTH: usize = 1 << 16;
+/// The most layers per block / encoder layers a configuration may give.
+const MAX_DEPTH: usize = 256;
+
+/// Errors when `values` of `field` exceed `max` (sizes no real model has; usually a damaged file).
+fn check_at_most(file: &str, field: &str, values: &[usize], max: usize) -> Result<()> {
+    match values.iter().find(|&&v| v > max) {
+        Some(v) => Err(err(
+            file,
+            field,
+            format!("{v} is larger than any model this engine runs (at most {max}); the file is damaged or not a Stable Diffusion config"),
+        )),
+        None => Ok(()),
+    }
+}
+
 fn check_one_of(file: &str, field: &str, value: &str, allowed: &[&str]) -> Result<()> {
     if allowed.contains(&value) {
         Ok(())

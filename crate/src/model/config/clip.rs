@@ -1,6 +1,6 @@
 //! transformers `CLIPTextConfig` (models/clip/configuration_clip.py).
 
-use super::{check_one_of, err, parse, PerLevel};
+use super::{check_at_most, check_one_of, err, parse, PerLevel, MAX_DEPTH, MAX_WIDTH};
 use crate::error::Result;
 use serde::Deserialize;
 
@@ -95,6 +95,8 @@ impl ClipTextConfig {
             if v == 0 {
                 return Err(err(file, field, "is 0"));
             }
+            let max = if field == "num_hidden_layers" { MAX_DEPTH } else { MAX_WIDTH * 16 };
+            check_at_most(file, field, &[v], max)?;
         }
         if !self.hidden_size.is_multiple_of(self.num_attention_heads) {
             return Err(err(

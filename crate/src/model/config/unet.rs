@@ -1,6 +1,6 @@
 //! diffusers `UNet2DConditionModel` configuration (models/unets/unet_2d_condition.py).
 
-use super::{check_list_len, err, parse, PerLevel, SampleSize};
+use super::{check_at_most, check_list_len, err, parse, PerLevel, SampleSize, MAX_DEPTH, MAX_WIDTH};
 use crate::error::{Error, Result};
 use serde::Deserialize;
 
@@ -211,7 +211,9 @@ impl UNetConfig {
             if v == 0 {
                 return Err(err(file, field, "is 0"));
             }
+            check_at_most(file, field, &[v], MAX_WIDTH)?;
         }
+        check_at_most(file, "block_out_channels", &self.block_out_channels, MAX_WIDTH)?;
         for (field, types) in [("down_block_types", &self.down_block_types), ("up_block_types", &self.up_block_types)] {
             if types.len() != n {
                 return Err(err(file, field, format!("has {} entries but block_out_channels has {n}", types.len())));
@@ -246,6 +248,11 @@ impl UNetConfig {
             if v.values().contains(&0) {
                 return Err(err(file, field, "contains 0"));
             }
+            let max = if matches!(field, "layers_per_block" | "transformer_layers_per_block") { MAX_DEPTH } else { MAX_WIDTH };
+            check_at_most(file, field, &v.values(), max)?;
+        }
+        if let Some(h) = &self.num_attention_heads {
+            check_at_most(file, "num_attention_heads", &h.values(), MAX_WIDTH)?;
         }
         let heads_field = if self.num_attention_heads.is_some() { "num_attention_heads" } else { "attention_head_dim" };
         for level in 0..n {

@@ -1,6 +1,6 @@
 //! diffusers `AutoencoderKL` configuration (models/autoencoders/autoencoder_kl.py).
 
-use super::{check_one_of, err, parse, SampleSize};
+use super::{check_at_most, check_one_of, err, parse, SampleSize, MAX_DEPTH, MAX_WIDTH};
 use crate::error::Result;
 use serde::Deserialize;
 
@@ -100,7 +100,9 @@ impl VaeConfig {
             if v == 0 {
                 return Err(err(file, field, "is 0"));
             }
+            check_at_most(file, field, &[v], if field == "layers_per_block" { MAX_DEPTH } else { MAX_WIDTH })?;
         }
+        check_at_most(file, "block_out_channels", &self.block_out_channels, MAX_WIDTH)?;
         for (field, types, allowed) in [
             ("down_block_types", &self.down_block_types, "DownEncoderBlock2D"),
             ("up_block_types", &self.up_block_types, "UpDecoderBlock2D"),

@@ -57,7 +57,14 @@ fn with_article(name: &str) -> String {
 }
 
 /// Decodes `bytes` (named `file` in errors) by their contents, whatever the extension says.
+/// Images over [`MAX_PIXELS`] are refused from their header, before any pixel is decoded.
 pub fn decode_image(file: &str, bytes: &[u8]) -> Result<DecodedImage> {
+    decode_image_limited(file, bytes, MAX_PIXELS)
+}
+
+/// [`decode_image`] with a pixel limit of `max_pixels` (checked against the dimensions the
+/// header declares, before the pixel buffer is allocated).
+pub fn decode_image_limited(file: &str, bytes: &[u8], max_pixels: u64) -> Result<DecodedImage> {
     let format = match image::guess_format(bytes) {
         Ok(f @ (ImageFormat::Png | ImageFormat::Jpeg | ImageFormat::WebP)) => f,
         Ok(other) => {
@@ -77,6 +84,15 @@ pub fn decode_image(file: &str, bytes: &[u8]) -> Result<DecodedImage> {
             ))
         }
     };
+    if is_animated(format, bytes) {
+        return Err(format_err(
+            file,
+            format!(
+                "is an animated {}; training uses still images: save the frame you want as a PNG or JPEG and add that instead",
+                format_name(format)
+            ),
+        ));
+    }
     let damaged = |e: image::ImageError| {
         let message = match e {
             image::ImageError::Limits(_) => format!(
@@ -93,12 +109,16 @@ pub fn decode_image(file: &str, bytes: &[u8]) -> Result<DecodedImage> {
     reader.set_format(format);
     let mut decoder = reader.into_decoder().map_err(damaged)?;
     let (w, h) = decoder.dimensions();
-    if w as u64 * h as u64 > MAX_PIXELS {
+    if w as u64 * h as u64 > max_pixels {
+        let limit = if max_pixels >= 1_000_000 {
+            format!("the {} megapixels", max_pixels / 1_000_000)
+        } else {
+            format!("the {max_pixels} pixels")
+        };
         return Err(format_err(
             file,
             format!(
-                "is {w}×{h} pixels, more than the {} megapixels an image may have here; scale it down (a few megapixels are plenty for training) and add it again",
-                MAX_PIXELS / 1_000_000
+                "is {w}×{h} pixels, more than {limit} an image may have here; scale it down (a few megapixels are plenty for training) and add it again"
             ),
         ));
     }
@@ -112,6 +132,29 @@ pub fn decode_image(file: &str, bytes: &[u8]) -> Result<DecodedImage> {
         return Err(format_err(file, "has no pixels (0 width or height)".into()));
     }
     Ok(DecodedImage { rgb, format, reoriented })
+}
+
+/// Whether the file is an animation: an APNG (an `acTL` chunk before the first `IDAT`) or an
+/// animated WebP (a `VP8X` header with its animation flag).
+fn is_animated(format: ImageFormat, bytes: &[u8]) -> bool {
+    match format {
+        ImageFormat::Png => {
+            let mut pos = 8usize;
+            while let Some(header) = bytes.get(pos..pos + 8) {
+                let len = u32::from_be_bytes([header[0], header[1], header[2], header[3]]) as usize;
+                match &header[4..8] {
+                    b"acTL" => return true,
+                    b"IDAT" | b"IEND" => return false,
+                    _ => {}
+                }
+                let Some(next) = pos.checked_add(12).and_then(|p| p.checked_add(len)) else { return false };
+                pos = next;
+            }
+            false
+        }
+        ImageFormat::WebP => bytes.get(12..16) == Some(&b"VP8X"[..]) && bytes.get(20).is_some_and(|f| f & 0x02 != 0),
+        _ => false,
+    }
 }
 
 /// The size with the shorter side `res` and the aspect ratio kept (the longer side rounded to

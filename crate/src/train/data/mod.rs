@@ -18,7 +18,7 @@ mod caption;
 mod image;
 
 pub use self::caption::{contains_word, count_tags, parse_kohya_folder, safe_folder_name, with_trigger};
-pub use self::image::{decode_image, resize_short_side, short_side_size, square_to_chw, Augment, DecodedImage};
+pub use self::image::{decode_image, decode_image_limited, resize_short_side, short_side_size, square_to_chw, Augment, DecodedImage};
 
 use self::caption::{file_kind, read_caption, split_name, FileKind};
 use crate::error::{Error, Result};
