@@ -7,6 +7,7 @@ import load, {
   embedding_add, parameters_read, png_annotate, gpu_memory, merge_outputs, merge_write,
 } from "./loralab-web.js";
 import { trainCommands } from "./train-worker.js";
+import { classroom } from "./loralab-web.js";
 
 const loaded = load();
 
@@ -371,6 +372,11 @@ const commands = {
 
 // Training a LoRA (train-worker.js): train_saved, train_start, train_resume, train_step, …
 Object.assign(commands, trainCommands({ opfsDir, currentId: () => current, userError }));
+
+// The classroom's engine commands (web/src/classroom.rs; docs/web.md).
+for (const name of ["lora_layers", "lora_spectrum", "lora_resize", "param_counts", "set_block_weights", "lora_delta_map"]) {
+  commands[name] = (args) => classroom(name, args);
+}
 
 const TRANSFER = (value) => (value?.png instanceof Uint8Array ? [value.png.buffer] : []);
 

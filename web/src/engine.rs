@@ -22,6 +22,9 @@ use std::sync::Arc;
 use wasm_bindgen::prelude::*;
 use web_sys::Blob;
 
+#[path = "classroom.rs"]
+pub(crate) mod classroom;
+
 struct Lora {
     id: u32,
     blob: Blob,
@@ -230,6 +233,7 @@ async fn reapply(s: &mut State) -> Result<Vec<String>, JsValue> {
             Ok(report) => {
                 s.adapter_bytes = report.text_encoder.bytes + report.unet.bytes;
                 warnings.extend(report.warnings);
+                classroom::restore_blocks(s, &*gpu().await?)?;
                 return Ok(warnings);
             }
             Err(Error::Format { file, message, .. }) if s.loras.iter().any(|l| l.file.file == file) => {
@@ -488,7 +492,7 @@ async fn install(s: &mut State) -> Result<(), JsValue> {
     let strengths = s.loras.iter().map(Lora::strengths).collect();
     let report = pipe.set_adapters(&*gpu().await?, files, strengths).await.map_err(err)?;
     s.adapter_bytes = report.text_encoder.bytes + report.unet.bytes;
-    Ok(())
+    classroom::restore_blocks(s, &*gpu().await?)
 }
 
 /// Sets an adapter's strengths and whether it is on: a few words per layer are rewritten.

@@ -11,7 +11,7 @@
 //!   `w2 [b, e·kh·kw]` low-rank `r·(b + e·kh·kw)` when `r < max(b, e)/2`, else full; plus one alpha;
 //! - IA³: one value per output channel (LyCORIS' default, `d`).
 
-use super::{LayerShape, ModelLayers, Target};
+use super::{Delta, LayerShape, ModelLayers, Target};
 use crate::error::{Error, Result};
 use serde::Serialize;
 
@@ -68,7 +68,7 @@ pub fn factorization(dimension: usize) -> (usize, usize) {
     let length = m + n;
     while m < n {
         let mut new_m = m + 1;
-        while dimension % new_m != 0 {
+        while !dimension.is_multiple_of(new_m) {
             new_m += 1;
         }
         let new_n = dimension / new_m;
@@ -126,6 +126,25 @@ pub fn counts_for_shape(shape: &[usize], rank: usize) -> Result<ParamCounts> {
     Ok(finish(layer_counts(out, inp, taps, rank), 1, rank))
 }
 
+/// The values an adapter layer's tensors hold (what was trained).
+pub fn adapter_values(d: &Delta) -> usize {
+    let n = |t: &super::HostTensor| t.numel();
+    let f = |x: &super::Factor| match x {
+        super::Factor::Full(w) => n(w),
+        super::Factor::LowRank { a, b } => n(a) + n(b),
+    };
+    match d {
+        Delta::LowRank { down, up, mid, .. } => n(down) + n(up) + mid.as_ref().map_or(0, n),
+        Delta::LoHa { w1a, w1b, w2a, w2b, t1, t2, .. } => {
+            n(w1a) + n(w1b) + n(w2a) + n(w2b) + t1.as_ref().map_or(0, n) + t2.as_ref().map_or(0, n)
+        }
+        Delta::LoKr { w1, w2, t2, .. } => f(w1) + f(w2) + t2.as_ref().map_or(0, n),
+        Delta::Full { diff, diff_b } => n(diff) + diff_b.as_ref().map_or(0, n),
+        Delta::Ia3 { weight, .. } => n(weight),
+        Delta::Norm { weight, bias } => weight.as_ref().map_or(0, n) + bias.as_ref().map_or(0, n),
+    }
+}
+
 /// Which UNet layers an adapter targets.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum TargetSet {
@@ -138,16 +157,19 @@ pub enum TargetSet {
     /// Plus the ResNet convolutions, their time projections and the down/upsamplers: kohya
     /// LoCon (`conv_dim`).
     AttnFfConv,
+    /// Every linear and convolution layer of the UNet (`unet`).
+    All,
 }
 
 impl TargetSet {
-    /// `attn`, `attn+ff`, `attn+ff+conv`.
+    /// `attn`, `attn+ff`, `attn+ff+conv`, `unet`.
     pub fn parse(s: &str) -> Result<Self> {
         match s {
             "attn" => Ok(TargetSet::Attn),
             "attn+ff" => Ok(TargetSet::AttnFf),
             "attn+ff+conv" => Ok(TargetSet::AttnFfConv),
-            other => Err(Error::Invalid(format!("target `{other}`: expected attn, attn+ff or attn+ff+conv"))),
+            "unet" => Ok(TargetSet::All),
+            other => Err(Error::Invalid(format!("target `{other}`: expected attn, attn+ff, attn+ff+conv or unet"))),
         }
     }
 
@@ -164,6 +186,7 @@ impl TargetSet {
             TargetSet::Attn => attn,
             TargetSet::AttnFf => transformer,
             TargetSet::AttnFfConv => transformer || conv,
+            TargetSet::All => true,
         }
     }
 }
@@ -241,7 +264,7 @@ mod tests {
         let conv = "up_blocks.1.resnets.2.conv1";
         assert!(!TargetSet::AttnFf.includes(conv) && TargetSet::AttnFfConv.includes(conv));
         assert!(TargetSet::AttnFfConv.includes("down_blocks.0.downsamplers.0.conv"));
-        assert!(!TargetSet::AttnFfConv.includes("conv_in"));
+        assert!(!TargetSet::AttnFfConv.includes("conv_in") && TargetSet::All.includes("conv_in"));
         assert!(!TargetSet::AttnFfConv.includes("down_blocks.0.attentions.0.norm"));
     }
 }

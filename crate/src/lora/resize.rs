@@ -22,7 +22,7 @@
 //!   of the resize in `ss_training_comment` and `loralab_resize`.
 
 use super::spectrum::{layer_shape, layer_svd};
-use super::{Delta, LayerShape, LoraFile, ModelLayers, Target};
+use super::{LayerShape, LoraFile, ModelLayers, Target};
 use crate::error::{Error, Result};
 use crate::io::safetensors_write::{SafetensorsWriter, WriteEntry};
 use safetensors::Dtype;
@@ -109,6 +109,17 @@ impl ResizeOptions {
     pub fn new(method: ResizeMethod) -> Self {
         ResizeOptions { method, max_rank: None, dtype: Dtype::F16 }
     }
+
+    /// Sets the storage by name: `f16`, `bf16` or `f32`.
+    pub fn set_dtype(&mut self, name: &str) -> Result<()> {
+        self.dtype = match name {
+            "f16" => Dtype::F16,
+            "bf16" => Dtype::BF16,
+            "f32" => Dtype::F32,
+            other => return Err(Error::Invalid(format!("storage `{other}`: expected f16, bf16 or f32"))),
+        };
+        Ok(())
+    }
 }
 
 /// One resized layer.
@@ -176,24 +187,6 @@ pub fn kohya_key(target: Target, module: &str) -> String {
     format!("{prefix}{}", module.replace('.', "_"))
 }
 
-fn param_count(d: &Delta) -> usize {
-    let n = |t: &super::HostTensor| t.numel();
-    let f = |x: &super::Factor| match x {
-        super::Factor::Full(w) => n(w),
-        super::Factor::LowRank { a, b } => n(a) + n(b),
-    };
-    match d {
-        Delta::LowRank { down, up, mid, .. } => n(down) + n(up) + mid.as_ref().map_or(0, n),
-        Delta::LoHa { w1a, w1b, w2a, w2b, t1, t2, .. } => {
-            n(w1a) + n(w1b) + n(w2a) + n(w2b) + t1.as_ref().map_or(0, n) + t2.as_ref().map_or(0, n)
-        }
-        Delta::LoKr { w1, w2, t2, .. } => f(w1) + f(w2) + t2.as_ref().map_or(0, n),
-        Delta::Full { diff, diff_b } => n(diff) + diff_b.as_ref().map_or(0, n),
-        Delta::Ia3 { weight, .. } => n(weight),
-        Delta::Norm { weight, bias } => weight.as_ref().map_or(0, n) + bias.as_ref().map_or(0, n),
-    }
-}
-
 /// Resizes every layer of `file` that has a ΔW. `model` (optional) gives exact layer shapes
 /// where the file alone leaves a kernel size open (a flattened LoHa / LoKr convolution).
 pub fn resize(file: &LoraFile, opts: &ResizeOptions, model: Option<&ModelLayers>) -> Result<Resized> {
@@ -257,7 +250,7 @@ pub fn resize(file: &LoraFile, opts: &ResizeOptions, model: Option<&ModelLayers>
         out.tensors.push((format!("{name}.alpha"), vec![], vec![k as f32]));
         out.tensors.push((format!("{name}.lora_down.weight"), down_shape, down));
         out.tensors.push((format!("{name}.lora_up.weight"), up_shape, up));
-        out.old_params += param_count(&l.delta);
+        out.old_params += super::params::adapter_values(&l.delta);
         out.new_params += k * (rows + cols);
         if l.dora.is_some() {
             out.warnings.push(format!("{}: its DoRA magnitude has no LoRA form and was left out (ΔW kept)", l.key));

@@ -192,10 +192,10 @@ pub fn layer_shape(l: &LayerAdapter, model: Option<&ModelLayers>) -> Option<Laye
     }
     let conv = |out: usize, cols: usize, kernel: usize| {
         let kk = kernel * kernel;
-        (kk > 0 && cols % kk == 0).then_some(LayerShape::Conv { in_channels: cols / kk, out_channels: out, kernel })
+        (kk > 0 && cols.is_multiple_of(kk)).then_some(LayerShape::Conv { in_channels: cols / kk, out_channels: out, kernel })
     };
     let guess = |out: usize, cols: usize| {
-        if conv3_name(&l.module) && cols % 9 == 0 {
+        if conv3_name(&l.module) && cols.is_multiple_of(9) {
             conv(out, cols, 3)
         } else {
             Some(LayerShape::Linear { in_features: cols, out_features: out })

@@ -264,8 +264,8 @@ pub fn qr(a: &Matrix) -> (Matrix, Matrix) {
     }
     let mut r = Matrix::zeros(n, n);
     for (j, c) in cols.iter().enumerate() {
-        for i in 0..=j.min(m.saturating_sub(1)) {
-            r.data[i * n + j] = c[i];
+        for (i, &v) in c.iter().enumerate().take(j + 1) {
+            r.data[i * n + j] = v;
         }
     }
     // Q = H₀ H₁ … applied to the first n columns of the identity (each H = I − v vᵀ, |v|² = 2).

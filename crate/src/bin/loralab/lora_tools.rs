@@ -22,7 +22,7 @@ pub const USAGE: &str = "  loralab lora resize FILE (--rank R | --energy F | --f
   loralab lora spectrum FILE [--layer NAME] [--top K] [--json]
                                         singular values of each layer's ΔW and the energy the top K
                                         hold (default 4); with --layer, that layer's values
-  loralab lora params (--shape DxK[xKHxKW] | --model PATH [--target attn|attn+ff|attn+ff+conv])
+  loralab lora params (--shape DxK[xKHxKW] | --model PATH [--target attn|attn+ff|attn+ff+conv|unet])
                       --rank R [--json]
                                         values trained by full fine-tuning, LoRA, LoHa, LoKr and IA³
                                         for one layer or the model's UNet, and file sizes per dtype
@@ -131,12 +131,7 @@ pub fn resize(args: &[String]) -> Result<ExitCode, String> {
         (Some(a), Some(b)) => Some(a.min(b)),
         (a, b) => a.or(b),
     };
-    opts.dtype = match a.get("--dtype").unwrap_or("f16") {
-        "f16" => safetensors::Dtype::F16,
-        "bf16" => safetensors::Dtype::BF16,
-        "f32" => safetensors::Dtype::F32,
-        other => return Err(usage_err("resize", format!("`--dtype {other}`: expected f16, bf16 or f32"))),
-    };
+    opts.set_dtype(a.get("--dtype").unwrap_or("f16")).map_err(|e| usage_err("resize", format!("--dtype: {e}")))?;
     let (lora, model) = match a.get("--model") {
         Some(m) => {
             let ck = open_path(Path::new(m), None).map_err(|e| format!("--model {e}"))?;
@@ -188,10 +183,10 @@ pub fn resize(args: &[String]) -> Result<ExitCode, String> {
     let mean_energy = resized.layers.iter().map(|l| l.energy).sum::<f64>() / resized.layers.len().max(1) as f64;
     w!(
         o,
-        "total: {} → {} values ({:.1}× fewer), mean energy kept {:.3}%, total Frobenius error {:.3e}, {} written, {:.2} s",
+        "total: {} → {} values ({:.1}% of the input's), mean energy kept {:.3}%, total Frobenius error {:.3e}, {} written, {:.2} s",
         resized.old_params,
         resized.new_params,
-        resized.old_params as f64 / resized.new_params.max(1) as f64,
+        100.0 * resized.new_params as f64 / resized.old_params.max(1) as f64,
         mean_energy * 100.0,
         total_e,
         super::mib(bytes),
