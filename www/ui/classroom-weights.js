@@ -92,7 +92,7 @@ const counter = {
       ctx.status(`Counted by the engine for ${shapeText}.`);
     });
     const rerender = () => {
-      controls.replaceChildren(
+      controls.replaceChildren(...[
         select("Layer", [...layerOptions, ...layers.map((l) => [l.name, `${l.name} (${l.shape.join(" × ")}, ${l.block})`])], params.layer, (v) => {
           ctx.set({ layer: v });
           rerender();
@@ -101,7 +101,7 @@ const counter = {
         params.layer === "custom" ? input("d (rows)", params.d ?? "320", (v) => { ctx.set({ d: v }); draw(); }, { inputmode: "numeric" }) : null,
         params.layer === "custom" ? input("k (columns)", params.k ?? "768", (v) => { ctx.set({ k: v }); draw(); }, { inputmode: "numeric" }) : null,
         input("Rank", params.rank, (v) => { ctx.set({ rank: v }); draw(); }, { type: "number", min: 1, max: 4096, step: 1 }),
-      );
+      ].filter(Boolean));
     };
     // The demo model's layers, from a bundled adapter that trains every attention layer.
     const listLayers = async () => {
