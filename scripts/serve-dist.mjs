@@ -17,9 +17,21 @@ const TYPES = {
   ".safetensors": "application/octet-stream",
 };
 
+/**
+ * The Content-Security-Policy of the page's `<meta>` in `dir`/index.html, sent as a header on
+ * every response: Workers follow only the header (the meta covers the page alone), and
+ * `frame-ancestors` works only there. Null when the page has none.
+ */
+export async function pagePolicy(dir) {
+  const html = await readFile(join(dir, "index.html"), "utf8").catch(() => "");
+  const m = /<meta http-equiv="Content-Security-Policy" content="([^"]+)"/.exec(html);
+  return m ? `${m[1]}; frame-ancestors 'none'` : null;
+}
+
 /** Serves `dir` on host:port (port 0 picks a free one); resolves to the listening server. */
-export function serve(dir, port = 8080, host = "127.0.0.1") {
+export async function serve(dir, port = 8080, host = "127.0.0.1") {
   const root = resolve(dir);
+  const csp = await pagePolicy(root);
   const server = createServer(async (req, res) => {
     try {
       const url = new URL(req.url, "http://x");
@@ -36,6 +48,7 @@ export function serve(dir, port = 8080, host = "127.0.0.1") {
         // Cross-origin isolation, so SharedArrayBuffer and precise timers are available later.
         "cross-origin-opener-policy": "same-origin",
         "cross-origin-embedder-policy": "require-corp",
+        ...(csp ? { "content-security-policy": csp } : {}),
       });
       res.end(req.method === "HEAD" ? undefined : body);
     } catch {

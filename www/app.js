@@ -6,9 +6,10 @@
 import { $, ext, fillList } from "./ui/dom.js";
 import { Engine } from "./ui/engine.js";
 import { initDevice, showAdapter, refreshDevice } from "./ui/device.js";
-import { initModel, loadDefaultModel, loadModelFiles, refreshCache } from "./ui/model.js";
+import { initModel, loadStartModel, loadModelFiles, refreshCache } from "./ui/model.js";
 import { initGenerate, restoreParameters } from "./ui/generate.js";
-import { initLoras, addLoras } from "./ui/lora.js";
+import { initLoras, addLoras, restoreLoras } from "./ui/lora.js";
+import { setErrorHandler } from "./ui/saved.js";
 import { initGrid } from "./ui/grid.js";
 import { initTrain } from "./ui/train.js";
 import { initClassroom } from "./ui/classroom.js";
@@ -24,7 +25,8 @@ const app = {
   refreshDevice: () => refreshDevice(app),
   /** Shows an engine error: the page-wide notice for lost devices and dead workers. */
   fatal,
-  isFatal: (err) => ["DeviceLostError", "NoAdapterError", "WorkerError"].includes(err?.name),
+  // A lost device is not fatal: the engine opens a new one and reloads the model (onNotice).
+  isFatal: (err) => ["NoAdapterError", "WorkerError"].includes(err?.name),
 };
 
 function showUnavailable(message) {
@@ -51,6 +53,35 @@ function fatal(err) {
   $("engine-status").textContent = "The engine stopped with an error.";
 }
 
+/**
+ * What the worker says on its own: the GPU device was lost (a driver reset, the browser reclaimed
+ * it) and the engine is reloading the model onto a new one, or has. <html data-device> is
+ * "lost", then "recovered" (or "failed"); the form, the cards and the gallery stay as they are.
+ */
+function onNotice(n) {
+  const line = $("device-notice");
+  const root = document.documentElement;
+  if (n.notice === "device_lost") {
+    root.dataset.device = "lost";
+    line.textContent = "The GPU was reset; reloading the model…";
+    line.hidden = false;
+  } else if (n.notice === "device_recovered") {
+    root.dataset.device = "recovered";
+    const v = n.value ?? {};
+    if (v.model) app.model = v.model;
+    const extra = v.adapters ? ` with ${v.adapters} ${v.adapters === 1 ? "adapter" : "adapters"}` : "";
+    line.textContent = v.model
+      ? `The GPU was reset; the model was reloaded${extra}.`
+      : "The GPU was reset; the engine is ready again.";
+    line.hidden = false;
+    app.refreshDevice();
+  } else if (n.notice === "device_failed") {
+    root.dataset.device = "failed";
+    line.hidden = true;
+    fatal({ name: "DeviceLostError", message: n.error?.message ?? "the GPU could not be opened again" });
+  }
+}
+
 /** The header line: what the engine is doing. */
 function showActivity() {
   if (document.documentElement.dataset.state !== "ready") return;
@@ -63,6 +94,7 @@ function showActivity() {
     train_saved: "reading the saved training run", train_start: "starting training", train_resume: "resuming training",
     train_step: "training", train_cancel: "cancelling training", train_discard: "discarding the training run",
     train_export: "exporting the LoRA", train_handoff: "writing the hand-off zip",
+    debug_lose_device: "resetting the GPU (test)",
     lora_layers: "listing adapter layers", lora_spectrum: "computing a spectrum", lora_resize: "resizing an adapter",
     param_counts: "counting parameters", set_block_weights: "setting block weights", lora_delta_map: "computing a weight map",
   };
@@ -158,6 +190,15 @@ async function main() {
   }
   app.engine.onchange = showActivity;
   app.engine.onfatal = fatal;
+  app.engine.onnotice = onNotice;
+  setErrorHandler((message) => {
+    $("device-notice").textContent = message;
+    $("device-notice").hidden = false;
+  });
+  // The fault tests' hook (a driver reset on demand), present only with ?test-hooks in the URL.
+  if (new URLSearchParams(location.search).has("test-hooks")) {
+    window.loralabTest = { loseDevice: () => app.engine.call("debug_lose_device", { allowed: true }) };
+  }
   app.engine.start();
   let info;
   try {
@@ -172,7 +213,8 @@ async function main() {
   $("run-selftest").disabled = false;
   showActivity();
   refreshCache(app);
-  loadDefaultModel(app);
+  await loadStartModel(app);
+  restoreLoras(app);
 }
 
 main();

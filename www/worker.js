@@ -5,6 +5,7 @@
 import load, {
   init, self_test, version, load_model, generate, lora_add, lora_set, lora_remove,
   embedding_add, parameters_read, png_annotate, gpu_memory, merge_outputs, merge_write,
+  device_lost, device_destroy, recover,
 } from "./loralab-web.js";
 import { trainCommands } from "./train-worker.js";
 import { classroom } from "./loralab-web.js";
@@ -370,6 +371,14 @@ const commands = {
   },
 };
 
+// Destroys the GPU device as a driver reset would; only when the page was opened for the fault
+// tests (its URL has ?test-hooks), never from the app's controls.
+commands.debug_lose_device = ({ allowed }) => {
+  if (allowed !== true) throw userError("debug_lose_device is a test hook");
+  device_destroy();
+  return null;
+};
+
 // Training a LoRA (train-worker.js): train_saved, train_start, train_resume, train_step, …
 Object.assign(commands, trainCommands({ opfsDir, currentId: () => current, userError }));
 
@@ -381,6 +390,33 @@ for (const name of ["lora_layers", "lora_spectrum", "lora_resize", "param_counts
 const TRANSFER = (value) => (value?.png instanceof Uint8Array ? [value.png.buffer] : []);
 
 let queue = Promise.resolve();
+
+// Device loss (a driver reset, the browser reclaiming the GPU): once the engine's device is
+// open, `device_lost()` resolves when it is lost. The page hears {notice: "device_lost"} at
+// once; then, after the command running now, `recover()` opens a new device and loads the model,
+// its adapters and embeddings again from the files they came from, and the page hears
+// {notice: "device_recovered", value} (or {notice: "device_failed", error}).
+let watching = false;
+function watchDevice() {
+  if (watching) return;
+  watching = true;
+  device_lost().then((reason) => {
+    self.postMessage({ notice: "device_lost", reason });
+    queue = queue.then(async () => {
+      try {
+        const value = await recover();
+        watching = false;
+        self.postMessage({ notice: "device_recovered", value });
+        watchDevice();
+      } catch (err) {
+        watching = false;
+        self.postMessage({ notice: "device_failed", error: { name: err?.name ?? "Error", message: String(err?.message ?? err) } });
+      }
+    });
+  }, () => {
+    watching = false;
+  });
+}
 
 self.onmessage = (event) => {
   const { id, cmd, args } = event.data;
@@ -394,12 +430,18 @@ self.onmessage = (event) => {
       const run = commands[cmd];
       if (!run) throw new Error(`unknown worker command "${cmd}"`);
       const value = await run(args ?? {});
+      if (cmd === "init") watchDevice();
       self.postMessage({ id, ok: true, value }, TRANSFER(value));
     } catch (err) {
+      const lost = err?.name === "DeviceLostError";
       self.postMessage({
         id,
         ok: false,
-        error: { name: err?.name ?? "Error", message: String(err?.message ?? err) },
+        error: {
+          name: err?.name ?? "Error",
+          // The engine reloads the model on a new device next (watchDevice): say so.
+          message: lost ? "the GPU was reset while this ran; the model is being reloaded, try again when it is back" : String(err?.message ?? err),
+        },
       });
     }
   });

@@ -365,6 +365,31 @@ impl StableDiffusionPipeline {
         Ok([1, self.unet_config.in_channels, height / f, width / f])
     }
 
+    /// Refuses an image size whose UNet activations cannot be held: the first level's
+    /// `[batch, block_out_channels[0], h, w]` (f32, and every layer of that level as large) must
+    /// fit one buffer of the adapter. Checked before the prompts are encoded or any noise drawn,
+    /// so an impossible size costs nothing.
+    fn check_activation_size(&self, gpu: &Gpu, batch: usize, shape: [usize; 4]) -> Result<()> {
+        let c0 = self.unet_config.block_out_channels.first().copied().unwrap_or(0) as u64;
+        let bytes = batch as u64 * c0 * shape[2] as u64 * shape[3] as u64 * 4;
+        let caps = gpu.caps();
+        let limit = caps.max_storage_buffer_binding_size.min(caps.max_buffer_size);
+        if bytes > limit {
+            return Err(Error::TooLarge {
+                what: format!(
+                    "a {}x{} image (the UNet's activation [{batch}, {c0}, {}, {}])",
+                    shape[3] * self.vae_scale_factor(),
+                    shape[2] * self.vae_scale_factor(),
+                    shape[2],
+                    shape[3]
+                ),
+                bytes,
+                limit,
+            });
+        }
+        Ok(())
+    }
+
     /// `[1, 77, D]` prompt embeddings of each text (one text-encoder call on the batch).
     pub async fn encode_prompts(&self, gpu: &Gpu, texts: &[&str], clip_skip: usize) -> Result<Vec<Vec<f32>>> {
         let ids: Vec<Vec<u32>> = texts.iter().map(|t| self.tokenizer.encode_padded(t)).collect();
@@ -405,6 +430,7 @@ impl StableDiffusionPipeline {
         // 1. Prompt embeddings (A1111 `<lora:…>` tags removed; they must match the adapters).
         let (prompt, negative) = (self.untagged(&opts.prompt)?, self.untagged(&opts.negative)?);
         let guidance = Guidance::for_unet(opts.cfg, self.unet_config.time_cond_proj_dim);
+        self.check_activation_size(gpu, guidance.batch(), shape)?;
         let d = self.text_encoder_config.hidden_size;
         let seq = self.tokenizer.max_length();
         let (prompt_embeds, negative_prompt_embeds) = match guidance {

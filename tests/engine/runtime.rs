@@ -188,6 +188,19 @@ fn a_generation_past_the_memory_limit_fails_and_the_next_one_works() {
     let opts = GenerateOptions { prompt: "a red cube".into(), steps: 2, seed: 5, ..Default::default() };
     let run = |o: &GenerateOptions| block(pipe.generate(&gpu, o, &mut |_: &StepProgress<'_>| {}));
     let first = run(&opts).unwrap();
+    // An image whose first UNet activation exceeds the adapter's largest buffer is refused
+    // before any work (no prompt encoded, no noise drawn: it returns at once).
+    let side = 8 * 2048;
+    let huge = GenerateOptions { width: Some(side), height: Some(side), ..opts.clone() };
+    let t = std::time::Instant::now();
+    match run(&huge) {
+        Err(e @ Error::TooLarge { .. }) => {
+            let text = e.to_string();
+            assert!(text.contains("a 16384x16384 image") && text.contains("use a smaller image"), "{text}");
+        }
+        other => panic!("expected TooLarge, got {:?}", other.map(|o| o.image_shape)),
+    }
+    assert!(t.elapsed().as_secs_f64() < 1.0, "{:?}", t.elapsed());
     // Room for the weights and twice the 64x64 generation's activations; 16 times the pixels
     // need far more.
     gpu.trim();

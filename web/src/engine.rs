@@ -22,6 +22,9 @@ use std::sync::Arc;
 use wasm_bindgen::prelude::*;
 use web_sys::Blob;
 
+#[path = "engine/recover.rs"]
+mod recover;
+
 #[path = "classroom.rs"]
 pub(crate) mod classroom;
 
@@ -59,6 +62,10 @@ struct State {
     source: Option<Source>,
     config: Option<PipelineConfig>,
     model_name: String,
+    /// How the model arrived (`load_model`'s `source`: demo, files, url, cache).
+    source_kind: String,
+    /// Embedding files added (loaded again after a device loss).
+    embeddings: Vec<(Blob, String)>,
     /// The model's weight files (hashed once, at load) and stated licence, for the images' XMP.
     model_record: Option<ModelRecord>,
     weights: Option<DType>,
@@ -156,64 +163,82 @@ pub async fn load_model(files: js_sys::Object, name: String, source: String, wei
         entries.push((path, blob));
     }
     with_state(async |s: &mut State| {
-        // Free the previous model first: two models may not fit together.
-        s.pipe = None;
-        g.trim();
-        s.source = None;
-        s.model_record = None;
-        let (ck, licence) = if entries.len() == 1 && entries[0].0.to_ascii_lowercase().ends_with(".safetensors") {
-            let (path, blob) = entries.pop().unwrap_or_else(|| unreachable!());
-            if loralab::model::checkpoint::is_pickle_name(&path) {
-                return Err(err(loralab::model::checkpoint::refuse_pickle(&path)));
-            }
-            let ck = Checkpoint::open_single_file(BlobReader::new(blob.clone(), path.clone()), &path, PipelineConfig::sd15())
-                .map_err(err)?;
-            s.source = Some(Source::Single { name: path, blob });
-            let licence = model_licence::<_, BlobFiles>(&ck, None);
-            (ck, licence)
-        } else {
-            if let Some((p, _)) = entries.iter().find(|(p, _)| loralab::model::checkpoint::is_pickle_name(p)) {
-                if !entries.iter().any(|(p, _)| p.ends_with(".safetensors")) {
-                    return Err(err(loralab::model::checkpoint::refuse_pickle(p)));
-                }
-            }
-            let files = BlobFiles::new(&name, entries.clone());
-            let ck = Checkpoint::open_folder(&files).map_err(err)?;
-            s.source = Some(Source::Folder { name: name.clone(), files: entries });
-            let licence = model_licence(&ck, Some(&files));
-            (ck, licence)
-        };
-        // Hashed by ranges before the weights go to the GPU (the files are read once more).
-        let record = model_record(&ck, &name, &licence).map_err(err)?;
-        let config = ck.config.clone();
-        let sampler = loralab::eval::recommended_sampler(&config.scheduler).unwrap_or(SamplerKind::EulerAncestral);
-        let defaults = ck.model_index.as_ref().map(|m| m.defaults.clone()).unwrap_or_default();
-        let before = g.memory().live_bytes;
-        let pipe = StableDiffusionPipeline::load(&g, ck, WeightPlan::new(dt)).map_err(err)?;
-        s.model_bytes = g.memory().live_bytes.saturating_sub(before);
-        let (w, h) = pipe.default_size();
-        s.pipe = Some(pipe);
-        s.config = Some(config);
-        s.model_name = name.clone();
-        s.model_record = Some(record);
-        s.weights = Some(dt);
-        let adapter_warnings = reapply(s).await?;
-        let info = ModelInfo {
-            name: name.clone(),
-            source: source.clone(),
-            weights: dt.name().to_string(),
-            default_width: w,
-            default_height: h,
-            sampler: sampler.name().to_string(),
-            guidance_scale: defaults.guidance_scale.unwrap_or(7.5),
-            steps: defaults.num_inference_steps.unwrap_or(20),
-            bytes: g.memory().live_bytes,
-            adapter_warnings,
-            licence,
-        };
-        to_js(&info)
+        s.embeddings.clear();
+        to_js(&load_into(s, &g, entries, &name, &source, dt, None).await?)
     })
     .await
+}
+
+/// Loads `entries` (a folder's files or one checkpoint) onto `g` in place of the current model
+/// and installs the adapters on it. `record`: the files' hashes when they are known (the same
+/// files loaded again), else they are hashed now.
+async fn load_into(
+    s: &mut State,
+    g: &loralab::Gpu,
+    mut entries: Vec<(String, Blob)>,
+    name: &str,
+    source: &str,
+    dt: DType,
+    record: Option<ModelRecord>,
+) -> Result<ModelInfo, JsValue> {
+    let (ck, licence, new_source) = if entries.len() == 1 && entries[0].0.to_ascii_lowercase().ends_with(".safetensors") {
+        let (path, blob) = entries.pop().unwrap_or_else(|| unreachable!());
+        if loralab::model::checkpoint::is_pickle_name(&path) {
+            return Err(err(loralab::model::checkpoint::refuse_pickle(&path)));
+        }
+        let ck = Checkpoint::open_single_file(BlobReader::new(blob.clone(), path.clone()), &path, PipelineConfig::sd15())
+            .map_err(err)?;
+        let licence = model_licence::<_, BlobFiles>(&ck, None);
+        (ck, licence, Source::Single { name: path, blob })
+    } else {
+        if let Some((p, _)) = entries.iter().find(|(p, _)| loralab::model::checkpoint::is_pickle_name(p)) {
+            if !entries.iter().any(|(p, _)| p.ends_with(".safetensors")) {
+                return Err(err(loralab::model::checkpoint::refuse_pickle(p)));
+            }
+        }
+        let files = BlobFiles::new(name, entries.clone());
+        let ck = Checkpoint::open_folder(&files).map_err(err)?;
+        let licence = model_licence(&ck, Some(&files));
+        (ck, licence, Source::Folder { name: name.to_string(), files: entries })
+    };
+    // Hashed by ranges before the weights go to the GPU (the files are read once more).
+    let record = match record {
+        Some(r) => r,
+        None => model_record(&ck, name, &licence).map_err(err)?,
+    };
+    // The files are readable (a broken one has left the loaded model as it was); free the
+    // previous model before the weights go to the GPU: two models may not fit together.
+    s.pipe = None;
+    g.trim();
+    s.model_record = None;
+    s.source = Some(new_source);
+    let config = ck.config.clone();
+    let sampler = loralab::eval::recommended_sampler(&config.scheduler).unwrap_or(SamplerKind::EulerAncestral);
+    let defaults = ck.model_index.as_ref().map(|m| m.defaults.clone()).unwrap_or_default();
+    let before = g.memory().live_bytes;
+    let pipe = StableDiffusionPipeline::load(g, ck, WeightPlan::new(dt)).map_err(err)?;
+    s.model_bytes = g.memory().live_bytes.saturating_sub(before);
+    let (w, h) = pipe.default_size();
+    s.pipe = Some(pipe);
+    s.config = Some(config);
+    s.model_name = name.to_string();
+    s.source_kind = source.to_string();
+    s.model_record = Some(record);
+    s.weights = Some(dt);
+    let adapter_warnings = reapply(s).await?;
+    Ok(ModelInfo {
+        name: name.to_string(),
+        source: source.to_string(),
+        weights: dt.name().to_string(),
+        default_width: w,
+        default_height: h,
+        sampler: sampler.name().to_string(),
+        guidance_scale: defaults.guidance_scale.unwrap_or(7.5),
+        steps: defaults.num_inference_steps.unwrap_or(20),
+        bytes: g.memory().live_bytes,
+        adapter_warnings,
+        licence,
+    })
 }
 
 /// Re-reads every adapter for the current model's configuration and installs them. Adapters
@@ -540,8 +565,9 @@ pub async fn embedding_add(file: Blob, name: String) -> Result<JsValue, JsValue>
     let g = gpu().await?;
     with_state(async |s: &mut State| {
         let Some(pipe) = s.pipe.as_mut() else { return Err(invalid("load a model before adding an embedding")) };
-        let emb = open_textual_inversion(BlobReader::new(file, name.clone()), &name).map_err(err)?;
+        let emb = open_textual_inversion(BlobReader::new(file.clone(), name.clone()), &name).map_err(err)?;
         let ids = pipe.add_embedding(&g, &emb).map_err(err)?;
+        s.embeddings.push((file, name.clone()));
         to_js(&EmbeddingInfo { token: emb.token.clone(), vectors: ids.len() })
     })
     .await

@@ -197,6 +197,12 @@ fn take() -> Result<Run, JsValue> {
     RUN.with_borrow_mut(Option::take).ok_or_else(|| invalid("no training run: start one first"))
 }
 
+/// Drops the open run (its GPU state belongs to a lost device); its saved files stay, so it
+/// can be resumed from its last checkpoint.
+pub(crate) fn drop_run() {
+    RUN.with_borrow_mut(|r| *r = None);
+}
+
 fn put(run: Run) {
     RUN.with_borrow_mut(|slot| *slot = Some(run));
 }

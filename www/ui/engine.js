@@ -26,6 +26,8 @@ export class Engine {
     this.onchange = () => {};
     /** Called once if the worker itself fails (script or wasm failed to load, crash). */
     this.onfatal = () => {};
+    /** Called with messages the worker sends on its own ({notice, …}: device loss and recovery). */
+    this.onnotice = () => {};
   }
 
   start() {
@@ -90,6 +92,10 @@ export class Engine {
   }
 
   #receive(data) {
+    if (data?.notice) {
+      this.onnotice(data);
+      return;
+    }
     const job = this.running;
     if (!job || data?.id !== job.id) return;
     if (data.event) {

@@ -3,6 +3,7 @@
 // each PNG downloadable with its `parameters` chunk) and restoring parameters from a PNG.
 import { $, el, duration, randomSeed } from "./dom.js";
 import { SKIP } from "./engine.js";
+import { clearImages, loadImages, saveImage } from "./saved.js";
 
 const GALLERY_MAX = 60;
 let outstanding = 0;
@@ -176,7 +177,7 @@ function shorten(text, n) {
 }
 
 /** Adds a result at the top of the gallery; a live result replaces the live one on top. */
-export function addToGallery(result, { live = false } = {}) {
+export function addToGallery(result, { live = false, restored = false } = {}) {
   const gallery = $("gallery");
   const p = result.params;
   const url = URL.createObjectURL(result.blob);
@@ -186,7 +187,7 @@ export function addToGallery(result, { live = false } = {}) {
       el("img", { src: url, alt, width: result.width, height: result.height }),
       el("figcaption", {},
         el("span", {}, `seed ${result.seed} · ${result.width}×${result.height} · ${p.steps} steps · ${p.sampler} · CFG ${p.cfg}`),
-        el("span", { class: "muted" }, `${duration(result.ms)}${live ? " · live" : ""}`)),
+        el("span", { class: "muted" }, `${duration(result.ms)}${live ? " · live" : ""}${restored ? " · kept from an earlier visit" : ""}`)),
       el("div", { class: "buttons" },
         el("a", { class: "button-link small", href: url, download: fileName(result.seed, p.prompt) }, "Download PNG"),
         el("button", { type: "button", class: "small secondary", onclick: () => fillForm(p) }, "Use parameters"))));
@@ -221,6 +222,7 @@ async function generateBatch(app) {
     jobs.push(runGenerate(app, params, label).then((r) => {
       addToGallery(r);
       app.lastResult = r;
+      saveImage(r, GALLERY_MAX);
     }));
   }
   const failure = (await Promise.allSettled(jobs)).find((r) => r.status === "rejected");
@@ -266,7 +268,25 @@ export async function restoreParameters(app, file) {
   }
 }
 
+/** Puts the images kept in this browser back into the gallery (oldest first, so newest on top). */
+async function restoreGallery() {
+  const images = (await loadImages()) ?? [];
+  for (const r of images) addToGallery(r, { restored: true });
+  if (images.length) setStatus(`${images.length} ${images.length === 1 ? "image" : "images"} kept from an earlier visit.`);
+}
+
+async function clearGallery() {
+  const gallery = $("gallery");
+  for (const item of [...gallery.children]) {
+    URL.revokeObjectURL(item.urlToRevoke);
+    item.remove();
+  }
+  if (await clearImages()) setStatus("The saved images were deleted from this browser.");
+}
+
 export function initGenerate(app) {
+  restoreGallery();
+  $("clear-gallery").addEventListener("click", clearGallery);
   const form = $("gen-form");
   form.addEventListener("submit", (e) => {
     e.preventDefault();

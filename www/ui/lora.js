@@ -6,6 +6,7 @@
 import { $, el, bytes, debounce, show } from "./dom.js";
 import { SKIP } from "./engine.js";
 import { regenerateLive } from "./generate.js";
+import { loadLoras, removeLora, saveLora, updateLora } from "./saved.js";
 
 /** Adapters on the engine, by id: {id, name, te, unet, enabled, removed, queued, card}. */
 export const adapters = new Map();
@@ -25,6 +26,7 @@ let live = () => {};
  * into it; `regenerate` re-generates when Live is on.
  */
 export function sendStrengths(app, a, { regenerate = true } = {}) {
+  updateLora(a.key, a);
   if (!a.queued) {
     a.queued = true;
     app.engine.call("lora_set", () => {
@@ -156,11 +158,11 @@ function metadataList(meta) {
   return el("details", {}, el("summary", {}, `Metadata (${entries.length} keys)`), dl);
 }
 
-function fillCard(app, card, value) {
+function fillCard(app, card, value, key) {
   const info = normaliseCard(value);
   const a = {
     id: info.id, name: info.name, te: Number(info.te ?? 1), unet: Number(info.unet ?? 1),
-    enabled: info.enabled !== false, removed: false, queued: false, card,
+    enabled: info.enabled !== false, removed: false, queued: false, card, key,
   };
   adapters.set(a.id, a);
   card.dataset.id = String(a.id);
@@ -197,6 +199,7 @@ function fillCard(app, card, value) {
       a.removed = true;
       adapters.delete(a.id);
       card.remove();
+      removeLora(a.key);
       app.onAdapters?.();
       app.refreshDevice();
       if ($("live").checked) live();
@@ -241,29 +244,50 @@ function fillCard(app, card, value) {
   ].filter(Boolean));
   card.classList.toggle("off", !a.enabled);
   card.dataset.state = "ready";
+  return a;
 }
 
-/** Reads adapter files into the engine, one card each; a failure stays on its card. */
-export async function addLoras(app, files) {
+/**
+ * Reads adapter files into the engine, one card each; a failure stays on its card. Each added
+ * file is kept in this browser (saved.js) with its strengths; `saved` ([{key, te, unet,
+ * enabled}], one per file) restores kept ones.
+ */
+export async function addLoras(app, files, saved = null) {
   const list = $("lora-cards");
-  await Promise.all(files.map(async (file) => {
+  await Promise.all(files.map(async (file, i) => {
+    const kept = saved?.[i];
     const card = el("li", { class: "card", dataset: { state: "loading", file: file.name } },
       el("h3", {}, file.name), el("p", { class: "muted" }, `Reading ${bytes(file.size)}…`));
     list.append(card);
     try {
       const info = await app.engine.call("lora_add", { file });
-      fillCard(app, card, info);
+      const strengths = kept ? { te: kept.te, unet: kept.unet, enabled: kept.enabled } : {};
+      const a = fillCard(app, card, { ...info, ...strengths }, kept?.key);
+      if (kept) {
+        if (kept.te !== 1 || kept.unet !== 1 || !kept.enabled) sendStrengths(app, a, { regenerate: false });
+      } else {
+        a.key = await saveLora(file, a);
+      }
       app.onAdapters?.();
       app.refreshDevice();
     } catch (err) {
       card.dataset.state = "error";
       card.replaceChildren(
         el("div", { class: "card-head" }, el("h3", {}, file.name),
-          el("button", { type: "button", class: "small", "aria-label": `Dismiss ${file.name}`, onclick: () => card.remove() }, "Dismiss")),
+          el("button", { type: "button", class: "small", "aria-label": `Dismiss ${file.name}`, onclick: () => {
+            card.remove();
+            removeLora(kept?.key);
+          } }, "Dismiss")),
         el("p", { class: "card-error error-text" }, err.message));
       if (app.isFatal(err)) app.fatal(err);
     }
   }));
+}
+
+/** Adds the adapters kept in this browser again, with their strengths. */
+export async function restoreLoras(app) {
+  const kept = (await loadLoras()) ?? [];
+  if (kept.length) await addLoras(app, kept.map((k) => k.file), kept);
 }
 
 async function addEmbeddings(app, files) {

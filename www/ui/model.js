@@ -2,6 +2,7 @@
 // (downloaded once into the Origin Private File System by the engine), the weight type, the
 // cached models, and load progress.
 import { $, el, bytes, ext } from "./dom.js";
+import { lastModel, saveLastModel } from "./saved.js";
 
 /** The last source that loaded (weight type changes reload it). */
 let lastSource = null;
@@ -67,6 +68,7 @@ export async function loadModel(app, source) {
     $("model-current").textContent = `${value.name} · ${value.weights} · ${bytes(value.bytes)}${size}`;
     showLicence(value.licence);
     app.onModel?.(value);
+    saveLastModel(source.source === "url" ? source.url : null, value.weights);
     if (source.source === "url") refreshCache(app);
   } catch (err) {
     panel.dataset.state = "error";
@@ -85,6 +87,28 @@ export async function loadModel(app, source) {
 
 export function loadDefaultModel(app) {
   return loadModel(app, { source: "demo" });
+}
+
+/**
+ * On open: the model last loaded from a URL when the browser's cache still has it complete (no
+ * request leaves the page for it), else the demo model.
+ */
+export async function loadStartModel(app) {
+  const last = await lastModel();
+  if (last?.url) {
+    let cached = [];
+    try {
+      cached = await app.engine.call("cache_list");
+    } catch {
+      cached = [];
+    }
+    if (cached.some((m) => m.url === last.url && m.complete !== false)) {
+      if (["f32", "f16", "q8_0", "q4_0"].includes(last.weights)) $("weights").value = last.weights;
+      await loadModel(app, { source: "url", url: last.url });
+      if (app.model) return;
+    }
+  }
+  await loadDefaultModel(app);
 }
 
 /** Loads dropped or picked files ([{file, path}]): a diffusers folder or one checkpoint. */
