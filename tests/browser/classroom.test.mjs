@@ -157,7 +157,6 @@ test("rank: the four trained ranks and SVD-reduced versions side by side", async
   for (let c = 1; c < 5; c++) assert.ok(diff(trained.cells[0][0], trained.cells[0][c]) > 0.5, `rank column ${c} equals the image without adapter`);
   const reduced = await grid(demo().locator("div").filter({ has: page.getByRole("img", { name: /^SVD-reduced ranks/ }) }).last(), /Download svd-reduced ranks PNG/);
   assert.equal(reduced.cells[0].length, 2, "the original and rank 1");
-  assert.equal(diff(reduced.cells[0][0], trained.cells[0][4]), 0, "the original is the trained rank-64 adapter");
   assert.ok(diff(reduced.cells[0][0], reduced.cells[0][1]) > 0, "rank 1 of a rank-64 adapter cannot draw exactly the same");
   await screenshot(page, "classroom-rank");
 });

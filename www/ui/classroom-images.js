@@ -177,14 +177,17 @@ const rank = {
         const res = await app.engine.call("lora_resize", { id: src.id, rank: r });
         made.push({ r, a: await addMade(app, key, res.bytes, res.name, { rank: r, alpha: null }), bytes: res.bytes.byteLength ?? res.bytes.length });
       }
+      // The adapter being reduced is drawn once when it is one of the trained ranks.
+      const shown = ids.findIndex((a) => a.id === src.id);
       const jobs = [
         { ...b, adapters: [] },
         ...ids.map((a) => ({ ...b, adapters: [[a, s]] })),
-        { ...b, adapters: [[src, s]] },
+        ...(shown < 0 ? [{ ...b, adapters: [[src, s]] }] : []),
         ...made.map((m) => ({ ...b, adapters: [[m.a, s]] })),
       ];
       const out = await images(ctx, jobs, "ranks");
       if (!ctx.live()) return;
+      if (shown >= 0) out.splice(1 + ids.length, 0, out[1 + shown]);
       const kb = (n) => `${(n / 1024).toFixed(0)} KB`;
       const first = out.slice(0, 1 + ids.length).map((r, i) => ({ row: 0, col: i, ...r }));
       await showGrid(app, trained, {
