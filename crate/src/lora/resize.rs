@@ -213,22 +213,19 @@ pub fn resize(file: &LoraFile, opts: &ResizeOptions, model: Option<&ModelLayers>
             skipped.push(&l.key);
             continue;
         };
-        // LoKr forms singular vectors only as far as asked: a fixed rank or the cap.
-        let keep = match opts.method {
-            ResizeMethod::Rank(r) => Some(opts.max_rank.map_or(r, |m| m.min(r))),
-            _ => opts.max_rank,
+        // The new rank from the singular values; vectors are formed for those kept only.
+        let choose = |s: &[f64]| {
+            let k = opts.method.choose(s);
+            opts.max_rank.map_or(k, |m| k.min(m.max(1)))
         };
-        let (svd, all) = layer_svd(l, keep).map_err(with_file)?;
-        let mut k = opts.method.choose(&all);
-        if let Some(m) = opts.max_rank {
-            k = k.min(m.max(1));
-        }
-        let k = k.min(svd.s.len()).max(1);
+        let svd = layer_svd(l, &choose).map_err(with_file)?;
+        let all = &svd.s;
+        let k = choose(all).min(svd.u.cols).max(1);
         let total: f64 = all.iter().map(|s| s * s).sum();
         let kept: f64 = all.iter().take(k).map(|s| s * s).sum();
         let error = (total - kept).max(0.0).sqrt();
         let (rows, cols) = (shape.out_dim(), shape.cols());
-        let q = svd.s.len();
+        let q = svd.u.cols;
         let mut up = vec![0f32; rows * k];
         let mut down = vec![0f32; k * cols];
         for r in 0..k.min(q) {

@@ -146,31 +146,23 @@ fn form(l: &LayerAdapter) -> Result<Form> {
     Ok(f)
 }
 
-fn form_svd(f: &Form, keep: Option<usize>) -> Option<(Svd, Vec<f64>)> {
+fn form_svd(f: &Form, vectors: &dyn Fn(&[f64]) -> usize) -> Option<Svd> {
     match f {
-        Form::Product(l, r) => svd::svd_product(l, r).map(|s| {
-            let all = s.s.clone();
-            (s, all)
-        }),
-        Form::Dense(d) => {
-            let s = svd::svd(d);
-            let all = s.s.clone();
-            Some((s, all))
-        }
+        Form::Product(l, r) => svd::svd_product_with(l, r, vectors),
+        Form::Dense(d) => Some(svd::svd(d)),
         Form::Kron(a, b) => {
-            let (sa, _) = form_svd(a, None)?;
-            let (sb, _) = form_svd(b, None)?;
-            Some(svd::svd_kron(&sa, &sb, keep))
+            let all = |s: &[f64]| s.len();
+            Some(svd::svd_kron(&form_svd(a, &all)?, &form_svd(b, &all)?, vectors))
         }
     }
 }
 
 /// The singular value decomposition of a layer's ΔW as a `[out, in·k·k]` matrix (the file's
-/// scale included, the user's strength not). The second value is every singular value; the
-/// decomposition's vectors cover at least the first `keep` (all when `None`).
-pub fn layer_svd(l: &LayerAdapter, keep: Option<usize>) -> Result<(Svd, Vec<f64>)> {
+/// scale included, the user's strength not): every singular value, and singular vectors for
+/// at least the first `vectors(σ)` of them.
+pub fn layer_svd(l: &LayerAdapter, vectors: &dyn Fn(&[f64]) -> usize) -> Result<Svd> {
     let f = form(l)?;
-    form_svd(&f, keep).ok_or_else(|| err(l, "the adapter's factors do not make a ΔW".into()))
+    form_svd(&f, vectors).ok_or_else(|| err(l, "the adapter's factors do not make a ΔW".into()))
 }
 
 /// The module the name suggests is a 3×3 convolution (ResNet convs, down/upsamplers, the
@@ -248,7 +240,7 @@ pub struct Spectrum {
 /// The singular values of a layer's ΔW and their cumulative energy.
 pub fn spectrum(l: &LayerAdapter, model: Option<&ModelLayers>) -> Result<Spectrum> {
     let shape = layer_shape(l, model).ok_or_else(|| err(l, format!("a {} layer has no ΔW", l.delta.algorithm().name())))?;
-    let (_, all) = layer_svd(l, Some(0))?;
+    let all = layer_svd(l, &|_| 0)?.s;
     let total: f64 = all.iter().map(|s| s * s).sum();
     let mut acc = 0.0;
     let energy = all

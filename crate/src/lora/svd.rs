@@ -11,8 +11,9 @@
 //! - [`svd_kron`]: `kron(W₁, W₂)` from the two factors' decompositions (the singular values of
 //!   a Kronecker product are the products of the factors' singular values).
 //!
-//! Singular values come sorted, largest first; `u` and `v` hold the matching singular vectors
-//! as columns (`u [m, q]`, `v [n, q]`, `q = min(m, n, p)`).
+//! Singular values come sorted, largest first (all `q = min(m, n, p)` of them); `u` and `v`
+//! hold the matching singular vectors as columns, for the first `k ≤ q` values (`u [m, k]`,
+//! `v [n, k]`; the factored paths form only as many as the caller asks for).
 
 /// A dense row-major f64 matrix.
 #[derive(Clone, Debug, PartialEq)]
@@ -106,19 +107,20 @@ impl Matrix {
 /// A thin singular value decomposition `A = U · diag(s) · Vᵀ`.
 #[derive(Clone, Debug)]
 pub struct Svd {
-    /// `[m, q]`, orthonormal columns (a column whose singular value is 0 may be 0).
+    /// `[m, k]`, orthonormal columns (a column whose singular value is 0 may be 0).
     pub u: Matrix,
-    /// `q` values, largest first.
+    /// All `q` values, largest first (`q ≥ k`).
     pub s: Vec<f64>,
-    /// `[n, q]`, orthonormal columns.
+    /// `[n, k]`, orthonormal columns (likewise).
     pub v: Matrix,
 }
 
 impl Svd {
-    /// `U_k · diag(s_k) · V_kᵀ`: the best rank-`k` approximation (Eckart–Young).
+    /// `U_k · diag(s_k) · V_kᵀ`: the best rank-`k` approximation (Eckart–Young); `k` at most
+    /// the vectors formed.
     pub fn reconstruct(&self, k: usize) -> Matrix {
-        let k = k.min(self.s.len());
-        let (m, n, q) = (self.u.rows, self.v.rows, self.s.len());
+        let k = k.min(self.u.cols);
+        let (m, n, q) = (self.u.rows, self.v.rows, self.u.cols);
         let mut out = Matrix::zeros(m, n);
         for i in 0..m {
             let row = &mut out.data[i * n..(i + 1) * n];
@@ -159,7 +161,7 @@ impl Svd {
 
     /// Column `r` of `u` (length m) and of `v` (length n).
     pub fn vectors(&self, r: usize) -> (Vec<f64>, Vec<f64>) {
-        let q = self.s.len();
+        let q = self.u.cols;
         ((0..self.u.rows).map(|i| self.u.data[i * q + r]).collect(), (0..self.v.rows).map(|j| self.v.data[j * q + r]).collect())
     }
 
@@ -169,8 +171,20 @@ impl Svd {
     }
 }
 
+/// Σ aᵢbᵢ with eight partial sums (lets the compiler vectorise).
 fn dot(a: &[f64], b: &[f64]) -> f64 {
-    a.iter().zip(b).map(|(x, y)| x * y).sum()
+    let n = a.len().min(b.len());
+    let (a, b) = (&a[..n], &b[..n]);
+    let mut acc = [0f64; 8];
+    let (ca, cb) = (a.chunks_exact(8), b.chunks_exact(8));
+    let (ra, rb) = (ca.remainder(), cb.remainder());
+    for (x, y) in ca.zip(cb) {
+        for i in 0..8 {
+            acc[i] += x[i] * y[i];
+        }
+    }
+    let tail: f64 = ra.iter().zip(rb).map(|(x, y)| x * y).sum();
+    acc.iter().sum::<f64>() + tail
 }
 
 /// One-sided Jacobi on columns: rotates pairs of columns of `a` until they are orthogonal,
@@ -181,12 +195,16 @@ fn jacobi_columns(mut a: Vec<Vec<f64>>, rows: usize) -> Svd {
     const TOL: f64 = 1e-15;
     for _sweep in 0..80 {
         let mut rotated = false;
+        // Squared column norms, recomputed each sweep and updated after each rotation.
+        let mut norms: Vec<f64> = a.iter().map(|c| dot(c, c)).collect();
         for p in 0..n {
             for q in p + 1..n {
-                let alpha = dot(&a[p], &a[p]);
-                let beta = dot(&a[q], &a[q]);
+                let (alpha, beta) = (norms[p], norms[q]);
+                if alpha == 0.0 || beta == 0.0 {
+                    continue;
+                }
                 let gamma = dot(&a[p], &a[q]);
-                if alpha == 0.0 || beta == 0.0 || gamma.abs() <= TOL * (alpha * beta).sqrt() {
+                if gamma.abs() <= TOL * (alpha * beta).sqrt() {
                     continue;
                 }
                 rotated = true;
@@ -194,6 +212,8 @@ fn jacobi_columns(mut a: Vec<Vec<f64>>, rows: usize) -> Svd {
                 let t = zeta.signum() / (zeta.abs() + (1.0 + zeta * zeta).sqrt());
                 let c = 1.0 / (1.0 + t * t).sqrt();
                 let s = c * t;
+                norms[p] = (alpha - t * gamma).max(0.0);
+                norms[q] = beta + t * gamma;
                 let (lo, hi) = a.split_at_mut(q);
                 for (x, y) in lo[p].iter_mut().zip(hi[0].iter_mut()) {
                     let (xp, yq) = (*x, *y);
@@ -232,35 +252,68 @@ pub fn svd_jacobi(a: &Matrix) -> Svd {
     jacobi_columns(a.columns(), a.rows)
 }
 
-/// Thin Householder QR of a tall matrix (`rows ≥ cols`): `Q [m, n]` with orthonormal columns
-/// and upper-triangular `R [n, n]`.
-pub fn qr(a: &Matrix) -> (Matrix, Matrix) {
+/// A Householder QR factorisation: the reflectors (`I − v vᵀ`, |v|² = 2, acting on rows
+/// `k..`) and the triangle `R [n, n]`.
+struct Householder {
+    rows: usize,
+    reflectors: Vec<Vec<f64>>,
+    r: Matrix,
+}
+
+impl Householder {
+    /// `Q · [x; 0]` for `x [n, k]`: the first n columns of Q combined by x, `[m, k]`.
+    fn apply(&self, x: &Matrix) -> Matrix {
+        let m = self.rows;
+        let mut cols: Vec<Vec<f64>> = x
+            .columns()
+            .into_iter()
+            .map(|c| {
+                let mut full = vec![0.0; m];
+                full[..c.len().min(m)].copy_from_slice(&c[..c.len().min(m)]);
+                full
+            })
+            .collect();
+        for (k, v) in self.reflectors.iter().enumerate().rev() {
+            for c in cols.iter_mut() {
+                let f = dot(v, &c[k..]);
+                if f != 0.0 {
+                    c[k..].iter_mut().zip(v).for_each(|(y, vi)| *y -= f * vi);
+                }
+            }
+        }
+        Matrix::from_columns(m, &cols)
+    }
+}
+
+/// Householder QR of a tall matrix (`rows ≥ cols`).
+fn householder(a: &Matrix) -> Householder {
     let (m, n) = (a.rows, a.cols);
     let mut cols = a.columns();
-    let mut vs: Vec<Vec<f64>> = Vec::with_capacity(n);
+    let mut reflectors: Vec<Vec<f64>> = Vec::with_capacity(n);
     for k in 0..n.min(m) {
         let x = &cols[k][k..];
         let norm = dot(x, x).sqrt();
         let mut v = x.to_vec();
         if norm == 0.0 {
-            vs.push(vec![0.0; m - k]);
+            reflectors.push(vec![0.0; m - k]);
             continue;
         }
         let alpha = if x[0] >= 0.0 { -norm } else { norm };
         v[0] -= alpha;
         let vv = dot(&v, &v);
         if vv == 0.0 {
-            vs.push(vec![0.0; m - k]);
+            reflectors.push(vec![0.0; m - k]);
             continue;
         }
+        let scale = (2.0 / vv).sqrt();
+        v.iter_mut().for_each(|x| *x *= scale);
         for c in cols.iter_mut().skip(k + 1) {
-            let f = 2.0 * dot(&v, &c[k..]) / vv;
+            let f = dot(&v, &c[k..]);
             c[k..].iter_mut().zip(&v).for_each(|(y, vi)| *y -= f * vi);
         }
         cols[k][k] = alpha;
         cols[k][k + 1..].iter_mut().for_each(|y| *y = 0.0);
-        let scale = (2.0 / vv).sqrt();
-        vs.push(v.into_iter().map(|x| x * scale).collect());
+        reflectors.push(v);
     }
     let mut r = Matrix::zeros(n, n);
     for (j, c) in cols.iter().enumerate() {
@@ -268,17 +321,20 @@ pub fn qr(a: &Matrix) -> (Matrix, Matrix) {
             r.data[i * n + j] = v;
         }
     }
-    // Q = H₀ H₁ … applied to the first n columns of the identity (each H = I − v vᵀ, |v|² = 2).
-    let mut q: Vec<Vec<f64>> = (0..n).map(|j| (0..m).map(|i| if i == j { 1.0 } else { 0.0 }).collect()).collect();
-    for (k, v) in vs.iter().enumerate().rev() {
-        for c in q.iter_mut() {
-            let f = dot(v, &c[k..]);
-            if f != 0.0 {
-                c[k..].iter_mut().zip(v).for_each(|(y, vi)| *y -= f * vi);
-            }
-        }
-    }
-    (Matrix::from_columns(m, &q), r)
+    Householder { rows: m, reflectors, r }
+}
+
+/// Thin Householder QR of a tall matrix (`rows ≥ cols`): `Q [m, n]` with orthonormal columns
+/// and upper-triangular `R [n, n]`.
+pub fn qr(a: &Matrix) -> (Matrix, Matrix) {
+    let h = householder(a);
+    (h.apply(&Matrix::identity(a.cols)), h.r)
+}
+
+/// The SVD of a square `r` from Jacobi on `rᵀ`'s columns (a triangular factor's transpose
+/// converges in a few sweeps, Drmač–Veselić): `r = V_a Σ U_aᵀ` when `rᵀ = U_a Σ V_aᵀ`.
+fn svd_square_t(r: &Matrix) -> Svd {
+    jacobi_columns(r.transpose().columns(), r.cols).transposed()
 }
 
 /// The thin SVD of a dense matrix: QR of its tall orientation, Jacobi on the triangle.
@@ -290,7 +346,7 @@ pub fn svd(a: &Matrix) -> Svd {
         return Svd { u: Matrix::zeros(a.rows, 0), s: vec![], v: Matrix::zeros(0, 0) };
     }
     let (q, r) = qr(a);
-    let inner = jacobi_columns(r.columns(), r.rows);
+    let inner = svd_square_t(&r);
     let u = q.matmul(&inner.u).unwrap_or_else(|| Matrix::zeros(a.rows, inner.s.len()));
     Svd { u, s: inner.s, v: inner.v }
 }
@@ -298,6 +354,12 @@ pub fn svd(a: &Matrix) -> Svd {
 /// The thin SVD of `left [m, p] · right [p, n]` without forming the product when `p` is
 /// smaller than both sides; `None` when the inner dimensions differ.
 pub fn svd_product(left: &Matrix, right: &Matrix) -> Option<Svd> {
+    svd_product_with(left, right, &|s| s.len())
+}
+
+/// As [`svd_product`], with singular vectors formed only for the first `vectors(σ)` values
+/// (the values are all computed first, so the caller can choose from them).
+pub fn svd_product_with(left: &Matrix, right: &Matrix, vectors: &dyn Fn(&[f64]) -> usize) -> Option<Svd> {
     if left.cols != right.rows {
         return None;
     }
@@ -305,21 +367,34 @@ pub fn svd_product(left: &Matrix, right: &Matrix) -> Option<Svd> {
     if p >= m.min(n) {
         return Some(svd(&left.matmul(right)?));
     }
-    let (q1, r1) = qr(left);
-    let (q2, r2) = qr(&right.transpose());
-    let core = r1.matmul(&r2.transpose())?;
-    let inner = jacobi_columns(core.columns(), p);
-    Some(Svd { u: q1.matmul(&inner.u)?, s: inner.s, v: q2.matmul(&inner.v)? })
+    let h1 = householder(left);
+    let h2 = householder(&right.transpose());
+    let core = h1.r.matmul(&h2.r.transpose())?;
+    // QR of the core first: Jacobi then runs on a triangle.
+    let h3 = householder(&core);
+    let inner = svd_square_t(&h3.r);
+    let k = vectors(&inner.s).min(inner.s.len());
+    let first = |x: &Matrix| {
+        let mut out = Matrix::zeros(x.rows, k);
+        for i in 0..x.rows {
+            out.data[i * k..(i + 1) * k].copy_from_slice(&x.data[i * x.cols..i * x.cols + k]);
+        }
+        out
+    };
+    let u = h1.apply(&h3.apply(&first(&inner.u)));
+    let v = h2.apply(&first(&inner.v));
+    Some(Svd { u, s: inner.s, v })
 }
 
 /// The thin SVD of `kron(W₁, W₂)` from those of `W₁ [a, c]` and `W₂ [b, d]`: every product
-/// σ₁ᵢ·σ₂ⱼ with singular vectors `kron(u₁ᵢ, u₂ⱼ)`, `kron(v₁ᵢ, v₂ⱼ)`. Only the first `keep`
-/// (all when `None`) are formed; the second value is every singular value, sorted.
-pub fn svd_kron(s1: &Svd, s2: &Svd, keep: Option<usize>) -> (Svd, Vec<f64>) {
+/// σ₁ᵢ·σ₂ⱼ with singular vectors `kron(u₁ᵢ, u₂ⱼ)`, `kron(v₁ᵢ, v₂ⱼ)`, formed for the first
+/// `vectors(σ)` values (the factors' decompositions need all their vectors).
+pub fn svd_kron(s1: &Svd, s2: &Svd, vectors: &dyn Fn(&[f64]) -> usize) -> Svd {
     let mut pairs: Vec<(f64, usize, usize)> =
         s1.s.iter().enumerate().flat_map(|(i, a)| s2.s.iter().enumerate().map(move |(j, b)| (a * b, i, j))).collect();
     pairs.sort_by(|x, y| y.0.total_cmp(&x.0));
-    let k = keep.unwrap_or(pairs.len()).min(pairs.len());
+    let all: Vec<f64> = pairs.iter().map(|p| p.0).collect();
+    let k = vectors(&all).min(pairs.len());
     let (m, n) = (s1.u.rows * s2.u.rows, s1.v.rows * s2.v.rows);
     let mut u = Matrix::zeros(m, k);
     let mut v = Matrix::zeros(n, k);
@@ -337,8 +412,7 @@ pub fn svd_kron(s1: &Svd, s2: &Svd, keep: Option<usize>) -> (Svd, Vec<f64>) {
             }
         }
     }
-    let all: Vec<f64> = pairs.iter().map(|p| p.0).collect();
-    (Svd { u, s: all[..k].to_vec(), v }, all)
+    Svd { u, s: all, v }
 }
 
 #[cfg(test)]
@@ -425,6 +499,16 @@ mod tests {
     }
 
     #[test]
+    fn partial_vectors() {
+        let b = rand_matrix(50, 5, 41);
+        let a = rand_matrix(5, 40, 42);
+        let all = svd_product(&b, &a).unwrap();
+        let two = svd_product_with(&b, &a, &|s| s.iter().filter(|&&x| x >= s[1]).count()).unwrap();
+        assert_eq!((two.u.cols, two.v.cols, two.s.len()), (2, 2, 5));
+        assert!(max_diff(&two.reconstruct(2), &all.reconstruct(2)) < 1e-12);
+    }
+
+    #[test]
     fn dense_path_matches_jacobi() {
         let a = rand_matrix(30, 70, 21);
         let d = svd(&a);
@@ -450,8 +534,7 @@ mod tests {
                 }
             }
         }
-        let (d, all) = svd_kron(&svd(&w1), &svd(&w2), None);
-        assert_eq!(all, d.s);
+        let d = svd_kron(&svd(&w1), &svd(&w2), &|s| s.len());
         let j = svd_jacobi(&k);
         for (x, y) in d.s.iter().zip(&j.s) {
             assert!((x - y).abs() < 1e-11 * j.s[0], "{x} vs {y}");
