@@ -109,6 +109,14 @@ fn scale_form(f: Form, s: f64) -> Form {
     }
 }
 
+/// The error for a layer without a ΔW.
+fn no_delta(l: &LayerAdapter) -> Error {
+    match l.delta {
+        Delta::Ia3 { .. } => err(l, "an IA³ layer scales the base weight and has no ΔW of its own".into()),
+        _ => err(l, "a norm layer's parameter diff is not a weight matrix and has no ΔW".into()),
+    }
+}
+
 fn form(l: &LayerAdapter) -> Result<Form> {
     let bad = |what: &str| err(l, format!("the {what} tensors do not fit together"));
     let f = match &l.delta {
@@ -140,8 +148,7 @@ fn form(l: &LayerAdapter) -> Result<Form> {
             Form::Kron(Box::new(scale_form(a, *scale as f64)), Box::new(b))
         }
         Delta::Full { diff, .. } => Form::Dense(mat(diff, diff.dim(0), diff.cols()).ok_or_else(|| bad("diff"))?),
-        Delta::Ia3 { .. } => return Err(err(l, "an IA³ layer scales the base weight and has no ΔW of its own".into())),
-        Delta::Norm { .. } => return Err(err(l, "a norm layer's parameter diff is not a weight matrix".into())),
+        Delta::Ia3 { .. } | Delta::Norm { .. } => return Err(no_delta(l)),
     };
     Ok(f)
 }
@@ -239,7 +246,7 @@ pub struct Spectrum {
 
 /// The singular values of a layer's ΔW and their cumulative energy.
 pub fn spectrum(l: &LayerAdapter, model: Option<&ModelLayers>) -> Result<Spectrum> {
-    let shape = layer_shape(l, model).ok_or_else(|| err(l, format!("a {} layer has no ΔW", l.delta.algorithm().name())))?;
+    let shape = layer_shape(l, model).ok_or_else(|| no_delta(l))?;
     let all = layer_svd(l, &|_| 0)?.s;
     let total: f64 = all.iter().map(|s| s * s).sum();
     let mut acc = 0.0;
@@ -274,7 +281,7 @@ pub struct DeltaMap {
 
 /// `strength · ΔW` of a layer pooled by largest magnitude to at most `limit × limit` cells.
 pub fn delta_map(l: &LayerAdapter, model: Option<&ModelLayers>, strength: f32, limit: usize) -> Result<DeltaMap> {
-    let shape = layer_shape(l, model).ok_or_else(|| err(l, format!("a {} layer has no ΔW", l.delta.algorithm().name())))?;
+    let shape = layer_shape(l, model).ok_or_else(|| no_delta(l))?;
     let dw = l.delta.delta_weight(&shape).map_err(|e| err(l, e.to_string()))?;
     let (rows, cols) = (shape.out_dim(), shape.cols());
     Ok(pool_max_abs(&dw.data, rows, cols, strength, limit.max(1)))

@@ -220,9 +220,13 @@ pub fn spectrum(args: &[String]) -> Result<ExitCode, String> {
     let single = a.get("--layer").is_some();
     let mut rows = vec![];
     for l in layers {
-        match layer_spectrum(l, None) {
+        let named = |e: loralab::Error| match e {
+            loralab::Error::Format { tensor, message, .. } => loralab::Error::Format { file: lora.file.clone(), tensor, message },
+            other => other,
+        };
+        match layer_spectrum(l, None).map_err(named) {
             Ok(s) => rows.push((l, Some(s), None)),
-            Err(e) if single => return Err(format!("{}: {e}", lora.file)),
+            Err(e) if single => return Err(e.to_string()),
             Err(e) => rows.push((l, None, Some(e.to_string()))),
         }
     }
