@@ -47,3 +47,4 @@ mod train_cli;
 mod train_clip;
 mod bench_train;
 mod malformed;
+mod fuzz_replay;
