@@ -235,3 +235,45 @@ fn block_weights_zero_equals_layers_removed() {
     adapter::set_strengths_by_layer(gpu, &mut u, &[0.8], &|name, _| zero.weight(&layout, Target::Unet, name)).unwrap();
     assert_eq!(run(&u), base);
 }
+
+/// The pipeline's per-block weights: the output blocks at 0 draw the image of the adapter
+/// without its output-block layers; a 26-entry list with BASE at 0 leaves the text encoder
+/// plain (the image of the adapter without its text-encoder layers); reinstalling resets them.
+#[test]
+fn pipeline_block_weights() {
+    use loralab::model::checkpoint::open_path;
+    use loralab::pipeline::{GenerateOptions, StableDiffusionPipeline, StepProgress, WeightPlan};
+    use loralab::sampler::SamplerKind;
+    use std::sync::Arc;
+    let gpu = gpu();
+    let ck = open_path(fixtures().join("models/tiny-sd15-a"), None).unwrap();
+    let layout = BlockLayout::new(&ck.config.unet);
+    let mut pipe = StableDiffusionPipeline::load(gpu, ck, WeightPlan::new(DType::F32)).unwrap();
+    let file = open("kohya.safetensors");
+    assert!(file.layers_of(Target::TextEncoder).next().is_some() && file.layers_of(Target::Unet).next().is_some());
+    let opts = GenerateOptions { prompt: "a red cube".into(), steps: 2, sampler: SamplerKind::Ddim, seed: 3, ..Default::default() };
+    let image = |pipe: &StableDiffusionPipeline| block(pipe.generate(gpu, &opts, &mut |_: &StepProgress<'_>| {})).unwrap().image;
+    let without = |keep: &dyn Fn(&LayerAdapter) -> bool| {
+        let mut f = file.clone();
+        f.layers.retain(|l| keep(l));
+        Arc::new(f)
+    };
+
+    block(pipe.set_adapters(gpu, vec![Arc::new(file.clone())], vec![(1.0, 1.0)])).unwrap();
+    let whole = image(&pipe);
+    pipe.set_block_weights(gpu, vec![BlockWeights::groups(1.0, 1.0, 0.0).unwrap()]).unwrap();
+    let no_out = image(&pipe);
+    let mut base0 = [1.0f32; 26];
+    base0[0] = 0.0;
+    pipe.set_block_weights(gpu, vec![BlockWeights::from_list(&base0).unwrap()]).unwrap();
+    let no_te = image(&pipe);
+    assert!(pipe.set_block_weights(gpu, vec![]).is_err(), "one set per adapter file");
+
+    block(pipe.set_adapters(gpu, vec![without(&|l| layout.group(l.target, &l.module) != Group::Out)], vec![(1.0, 1.0)])).unwrap();
+    assert!(pipe.block_weights()[0].is_uniform(), "set_adapters resets the block weights");
+    assert_eq!(no_out, image(&pipe), "output blocks at 0 differ from the adapter without them");
+    block(pipe.set_adapters(gpu, vec![without(&|l| l.target != Target::TextEncoder)], vec![(1.0, 1.0)])).unwrap();
+    assert_eq!(no_te, image(&pipe), "BASE at 0 differs from the adapter without its text-encoder layers");
+    assert_ne!(no_out, whole);
+    assert_ne!(no_te, whole);
+}
