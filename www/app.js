@@ -94,7 +94,6 @@ function showActivity() {
     train_saved: "reading the saved training run", train_start: "starting training", train_resume: "resuming training",
     train_step: "training", train_cancel: "cancelling training", train_discard: "discarding the training run",
     train_export: "exporting the LoRA", train_handoff: "writing the hand-off zip",
-    debug_lose_device: "resetting the GPU (test)",
     lora_layers: "listing adapter layers", lora_spectrum: "computing a spectrum", lora_resize: "resizing an adapter",
     param_counts: "counting parameters", set_block_weights: "setting block weights", lora_delta_map: "computing a weight map",
   };
@@ -197,7 +196,11 @@ async function main() {
   });
   // The fault tests' hook (a driver reset on demand), present only with ?test-hooks in the URL.
   if (new URLSearchParams(location.search).has("test-hooks")) {
-    window.loralabTest = { loseDevice: () => app.engine.call("debug_lose_device", { allowed: true }) };
+    // Posted past the page's queue (and not queued by the worker): the device goes at once,
+    // also while a command runs.
+    window.loralabTest = {
+      loseDevice: () => app.engine.worker.postMessage({ id: 0, cmd: "debug_lose_device", args: { allowed: true } }),
+    };
   }
   app.engine.start();
   let info;

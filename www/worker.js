@@ -420,6 +420,14 @@ function watchDevice() {
 
 self.onmessage = (event) => {
   const { id, cmd, args } = event.data;
+  if (cmd === "debug_lose_device") {
+    // Not queued: a driver reset comes whenever it comes, also in the middle of a command.
+    loaded.then(() => commands.debug_lose_device(args ?? {})).then(
+      (value) => self.postMessage({ id, ok: true, value }),
+      (err) => self.postMessage({ id, ok: false, error: { name: err?.name ?? "Error", message: String(err?.message ?? err) } }),
+    );
+    return;
+  }
   queue = queue.then(async () => {
     current = id;
     try {

@@ -1,8 +1,9 @@
 // GPU faults and work kept across reloads, in the system Chromium on WebGPU (SwiftShader):
-// - the device is lost (GPUDevice.destroy() through the ?test-hooks page hook, as a driver reset
-//   would): the page says so, the engine opens a new device and loads the model again from the
-//   browser's cache (its server is stopped by then) with the adapter at its strength; the form
-//   keeps what was typed and the next image is made with the adapter;
+// - the device is lost while an image is being made (GPUDevice.destroy() through the ?test-hooks
+//   page hook, as a driver reset would): that image fails saying so, the page says so, the engine
+//   opens a new device and loads the model again from the browser's cache (its server is stopped
+//   by then) with the adapter at its strength; the form keeps what was typed and the next image
+//   is made with the adapter;
 // - an image size whose activations exceed the adapter's largest buffer is refused with what to
 //   do, and the next image works;
 // - after a reload the model comes back from the cache, the gallery and the adapter card (with
@@ -80,9 +81,19 @@ function opfsNames(page, path) {
     } catch {
       return [];
     }
-    const names = [];
-    for await (const [name] of d.entries()) names.push(name);
-    return names.sort();
+    // An entry removed while the folder is read fails the listing: read it again.
+    for (let attempt = 0; ; attempt++) {
+      try {
+        const names = [];
+        for await (const [name] of d.entries()) {
+          if (!name.endsWith(".crswap")) names.push(name); // a write in progress
+        }
+        return names.sort();
+      } catch (e) {
+        if (attempt === 5) throw e;
+        await new Promise((ok) => setTimeout(ok, 100));
+      }
+    }
   }, path);
 }
 
@@ -126,8 +137,15 @@ test("device loss: the model and adapter come back from the cache; too large a s
   const typed = await form(page);
   log("model from a URL, adapter at 0.5, form filled");
 
-  // The device is lost; the engine reloads the model (from the cache: its server is stopped).
+  // The device is lost while an image is being made: that image fails with what happened, and
+  // the engine reloads the model (from the cache: its server is stopped).
+  await page.getByRole("button", { name: "Generate", exact: true }).click();
+  await waitAttr(page, "#output", "data-state", ["running"], TIMEOUT_MS);
+  await page.waitForTimeout(3000);
   await page.evaluate(() => window.loralabTest.loseDevice());
+  assert.equal(await waitAttr(page, "#output", "data-state", ["done", "error"], TIMEOUT_MS), "error", await describe(page));
+  assert.equal(await page.locator("#gen-error").innerText(),
+    "Generation failed: the GPU was reset while this ran; the model is being reloaded, try again when it is back");
   const device = await waitAttr(page, "html", "data-device", ["recovered", "failed"], TIMEOUT_MS);
   assert.equal(device, "recovered", await describe(page));
   const notice = page.locator("#device-notice");
@@ -137,7 +155,7 @@ test("device loss: the model and adapter come back from the cache; too large a s
   assert.equal(host.requests.length, served, "the model was fetched again instead of read from the cache");
   assert.deepEqual(await form(page), typed, "the form changed");
   assert.equal(await card.getByRole("spinbutton", { name: `Strength value: ${name}` }).inputValue(), "0.5");
-  log("device lost and recovered");
+  log("device lost during a generation and recovered");
   await screenshot(page, "faults-1-recovered");
 
   // The next image works, made with the adapter at 0.5.
