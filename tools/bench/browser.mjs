@@ -2,7 +2,10 @@
 // loralab vs onnxruntime-web in the same headless Chromium page, one command:
 //
 //   node tools/bench/browser.mjs [--models demo,mid] [--runs 5] [--warmup 2] [--no-f16]
-//                                [--no-t2i] [--no-build] [--no-export] [--out FILE]
+//                                [--no-t2i] [--scaling] [--no-build] [--no-export] [--out FILE]
+//
+// --scaling adds loralab alone on the demo UNet at 8x8, 16x16 and 32x32 latents (fixed
+// per-step cost against compute); --models "" skips the side-by-side models.
 //
 // 1. exports the UNets to ONNX if missing (tools/bench/export_onnx.py, in the fixtures venv:
 //    $LORALAB_VENV or ~/.cache/loralab/fixtures-venv) into ~/.cache/loralab/bench-onnx/;
@@ -28,7 +31,7 @@ const cache = process.env.LORALAB_BENCH_DIR ?? join(homedir(), ".cache/loralab/b
 const venv = process.env.LORALAB_VENV ?? join(homedir(), ".cache/loralab/fixtures-venv");
 
 function parseArgs(argv) {
-  const o = { models: ["demo", "mid"], runs: 5, warmup: 2, f16: true, t2i: true, build: true, export: true, out: null };
+  const o = { models: ["demo", "mid"], runs: 5, warmup: 2, f16: true, t2i: true, scaling: false, build: true, export: true, out: null };
   for (let i = 0; i < argv.length; i++) {
     const a = argv[i];
     const next = () => {
@@ -40,15 +43,17 @@ function parseArgs(argv) {
     else if (a === "--warmup") o.warmup = Number(next());
     else if (a === "--no-f16") o.f16 = false;
     else if (a === "--no-t2i") o.t2i = false;
+    else if (a === "--scaling") o.scaling = true;
     else if (a === "--no-build") o.build = false;
     else if (a === "--no-export") o.export = false;
     else if (a === "--out") o.out = next();
     else if (a === "-h" || a === "--help") {
-      console.log("usage: node tools/bench/browser.mjs [--models demo,mid] [--runs N] [--warmup N] [--no-f16] [--no-t2i] [--no-build] [--no-export] [--out FILE]");
+      console.log("usage: node tools/bench/browser.mjs [--models demo,mid] [--runs N] [--warmup N] [--no-f16] [--no-t2i] [--scaling] [--no-build] [--no-export] [--out FILE]");
       process.exit(0);
     } else throw new Error(`unknown argument ${a} (see --help)`);
   }
   if (!(o.runs >= 1 && o.warmup >= 0)) throw new Error("--runs must be ≥ 1 and --warmup ≥ 0");
+  if (o.models.length === 0 && !o.scaling && !o.t2i) throw new Error("nothing to run");
   for (const m of o.models) if (!["demo", "mid"].includes(m)) throw new Error(`unknown model ${m}: expected demo or mid`);
   return o;
 }
@@ -67,9 +72,10 @@ function prepare(o) {
       throw new Error(`no Python environment at ${venv}: create it as tools/fixtures/README.md says, then ` +
         `pip install -r tools/bench/requirements.txt (or set LORALAB_VENV)`);
     }
-    run(python, [join(here, "export_onnx.py"), "--out", cache, "--models", o.models.join(","), ...(o.f16 ? ["--f16"] : [])], { cwd: repo });
+    run(python, [join(here, "export_onnx.py"), "--out", cache, "--models", [...new Set([...o.models, ...(o.scaling ? ["demo"] : [])])].join(","), ...(o.f16 ? ["--f16"] : [])], { cwd: repo });
   }
-  for (const m of o.models) {
+  const needed = [...new Set([...o.models, ...(o.scaling ? ["demo"] : [])])];
+  for (const m of needed) {
     if (!existsSync(join(cache, m, "meta.json"))) throw new Error(`${join(cache, m)} has no meta.json: run without --no-export`);
   }
   if (!existsSync(join(here, "node_modules/onnxruntime-web/dist/ort.webgpu.min.mjs"))) {
@@ -86,7 +92,7 @@ function prepare(o) {
   for (const f of ["index.html", "bench.js", "bench-worker.js"]) symlinkSync(join(here, "web", f), join(site, f));
   symlinkSync(dist, join(site, "app"));
   symlinkSync(join(here, "node_modules/onnxruntime-web/dist"), join(site, "ort"));
-  for (const m of o.models) symlinkSync(join(cache, m), join(site, "models", m));
+  for (const m of needed) symlinkSync(join(cache, m), join(site, "models", m));
   return site;
 }
 
@@ -111,6 +117,7 @@ async function main() {
     const t0 = Date.now();
     const report = await page.evaluate((opts) => window.runBench(opts), {
       models: o.models, runs: o.runs, warmup: o.warmup, f16: o.f16,
+      scaling: o.scaling ? { sizes: [8, 16, 32], runs: 3, warmup: 1 } : null,
       t2i: o.t2i ? { weights: ["f32", "f16"], runs: 3, warmup: 1, steps: 20, cfg: 5 } : null,
     });
     const now = new Date();

@@ -241,6 +241,32 @@ async function textToImage({ weights, runs, warmup, steps, cfg }) {
   }
 }
 
+/**
+ * loralab alone (no other engine in the page): the demo UNet's step at growing latent sizes.
+ * The demo model's arithmetic is tiny (0.11 GFLOP at 8x8), so the 8x8 step is almost all
+ * fixed per-dispatch cost; the growth with the latent area is the kernels' compute.
+ */
+async function loralabScaling(lora, { sizes, runs, warmup, timestep }) {
+  const meta = await (await fetch("models/demo/meta.json")).json();
+  await lora.call("load", { base: "models/demo/", weights: "f32" });
+  const out = [];
+  for (const hw of sizes) {
+    const shape = [2, meta.sample[1], hw, hw];
+    const ctxShape = meta.encoder_hidden_states;
+    const sample = normal(shape.reduce((a, b) => a * b), 1);
+    const context = normal(ctxShape.reduce((a, b) => a * b), 2);
+    const ms = [];
+    for (let i = 0; i < warmup + runs; i++) {
+      status(`loralab alone, demo at ${hw}x${hw}: ${i < warmup ? "warm-up" : `run ${i - warmup + 1}/${runs}`}`);
+      const r = await lora.call("step", { sample, shape, timestep, context, tokens: ctxShape[1] });
+      if (i >= warmup) ms.push(r.ms);
+    }
+    out.push({ model: "demo", sample: shape, ...stats(ms) });
+  }
+  await lora.call("free");
+  return out;
+}
+
 window.runBench = async (opts = {}) => {
   const o = {
     models: ["demo", "mid"], warmup: 2, runs: 5, timestep: 981, f16: true,
@@ -259,6 +285,7 @@ window.runBench = async (opts = {}) => {
   try {
     report.loralab = await lora.call("init");
     for (const m of o.models) report.models.push(await benchModel(m, { ...o, lora }));
+    if (o.scaling) report.loralab_scaling = await loralabScaling(lora, { ...o, ...o.scaling });
   } finally {
     lora.close();
   }
