@@ -61,6 +61,20 @@ fn train_loop_cli_writes_a_kohya_lora() {
     ] {
         assert_eq!(m.get(k).map(String::as_str), Some(v), "{k}");
     }
+    // The dataset's digest: sha256sum of the image and caption files, sorted by name, hashed.
+    let mut listing: Vec<(String, String)> = std::fs::read_dir(&images)
+        .expect("list images")
+        .map(|e| {
+            let p = e.expect("entry").path();
+            let bytes = std::fs::read(&p).expect("read");
+            (p.file_name().unwrap().to_string_lossy().into_owned(), loralab::provenance::sha256_hex(&bytes[..]).unwrap())
+        })
+        .collect();
+    listing.sort();
+    let text: String = listing.iter().map(|(n, h)| format!("{h}  {n}\n")).collect();
+    let digest = loralab::provenance::sha256_hex(text.as_bytes()).unwrap();
+    let comment = &m["ss_training_comment"];
+    assert!(comment.starts_with(&format!("dataset: 4 images, SHA-256 {digest} ")) && comment.ends_with("base model tiny-sd15-a"), "{comment}");
     let tags: serde_json::Value = serde_json::from_str(&m["ss_tag_frequency"]).expect("tag frequency JSON");
     assert_eq!(tags["1_sks shape"]["sks"], 4, "{tags}");
     assert!(m["ss_training_finished_at"].parse::<f64>().unwrap() >= m["ss_training_started_at"].parse::<f64>().unwrap());

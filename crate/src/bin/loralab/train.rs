@@ -1,7 +1,7 @@
 //! `loralab train`: trains a LoRA on a folder of images (kohya's layout) and writes it as a
 //! kohya `.safetensors`, with resumable checkpoints, progress samples and a progress bar.
 
-use loralab::model::checkpoint::{is_pickle_name, open_path, refuse_pickle};
+use loralab::model::checkpoint::{is_pickle_name, open_path, refuse_pickle, LocalDir};
 use loralab::model::config::SampleSize;
 use loralab::pipeline::WeightPlan;
 use loralab::sampler::SamplerKind;
@@ -298,6 +298,36 @@ fn read_dataset(flag: &str, dir: &Path, opts: DatasetOptions) -> Result<Dataset,
     Ok(ds)
 }
 
+/// SHA-256 of the listing `"<sha256>  <path>\n"` of every image and caption file under `dir`
+/// (paths relative to it, `/`-separated, sorted): what `sha256sum` prints for the files, and
+/// the same digest the web app records for a dataset.
+fn dataset_sha256(flag: &str, dir: &Path) -> Result<String, String> {
+    fn walk(root: &Path, dir: &Path, out: &mut Vec<(String, String)>) -> std::io::Result<()> {
+        for entry in std::fs::read_dir(dir)? {
+            let path = entry?.path();
+            if path.is_dir() {
+                walk(root, &path, out)?;
+                continue;
+            }
+            let ext = path.extension().map(|e| e.to_string_lossy().to_ascii_lowercase()).unwrap_or_default();
+            if !matches!(ext.as_str(), "png" | "jpg" | "jpeg" | "jpe" | "jfif" | "webp" | "txt" | "caption") {
+                continue;
+            }
+            let rel = path.strip_prefix(root).unwrap_or(&path);
+            let name = rel.components().map(|c| c.as_os_str().to_string_lossy()).collect::<Vec<_>>().join("/");
+            let bytes = std::fs::read(&path)?;
+            let digest = loralab::provenance::sha256_hex(&bytes[..]).map_err(|e| std::io::Error::other(e.to_string()))?;
+            out.push((name, digest));
+        }
+        Ok(())
+    }
+    let mut listing = vec![];
+    walk(dir, dir, &mut listing).map_err(|e| format!("{flag} {}: cannot read: {e}", dir.display()))?;
+    listing.sort();
+    let text: String = listing.iter().map(|(name, sha)| format!("{sha}  {name}\n")).collect();
+    loralab::provenance::sha256_hex(text.as_bytes()).map_err(|e| e.to_string())
+}
+
 fn now_unix() -> f64 {
     SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_secs_f64()).unwrap_or(0.0)
 }
@@ -421,10 +451,22 @@ pub fn run(args: &[String]) -> Result<ExitCode, String> {
         eprintln!("resumed from {} at step {}", p.display(), trainer.steps_done());
     }
 
+    // The base model's licence and the dataset's digest go into the file's metadata (no images,
+    // no captions beyond the tag counts kohya records).
+    let folder = a.model.is_dir().then(|| LocalDir(a.model.clone()));
+    let licence = loralab::provenance::model_licence(&ck, folder.as_ref());
+    eprintln!("base model licence {}", licence.line());
+    let digest = dataset_sha256("--images", &a.images)?;
     let mut record_base = TrainingRecord {
         output_name: a.out.file_stem().map(|s| s.to_string_lossy().into_owned()).unwrap_or_default(),
         sd_model_name: a.model.file_name().map(|s| s.to_string_lossy().into_owned()),
         training_started_at: started,
+        license: loralab::provenance::licence_id(&licence),
+        training_comment: Some(format!(
+            "dataset: {} images, SHA-256 {digest} (sha256sum of the image and caption files, sorted by path); base model {}",
+            n_images.0,
+            a.model.file_name().map_or_else(|| a.model.display().to_string(), |s| s.to_string_lossy().into_owned())
+        )),
         ..TrainingRecord::default()
     };
     if a.model.is_file() {
@@ -437,6 +479,8 @@ pub fn run(args: &[String]) -> Result<ExitCode, String> {
         sd_model_hashes: record_base.sd_model_hashes.clone(),
         training_started_at: started,
         training_finished_at: now_unix(),
+        license: record_base.license.clone(),
+        training_comment: record_base.training_comment.clone(),
         ..trainer.training_record()
     };
 
