@@ -248,7 +248,7 @@ impl Trainer {
 
         let mut unet = UNet2DConditionModel::load(gpu, &c.unet, &ck.unet, plan.unet)?;
         let m = unet.size_multiple();
-        if latent_shape[1] % m != 0 {
+        if !latent_shape[1].is_multiple_of(m) {
             return Err(Error::Invalid(format!(
                 "training resolution {res}: the latents ({}x{}) must be a multiple of {m} for this UNet (use a resolution that is a multiple of {})",
                 latent_shape[1],
