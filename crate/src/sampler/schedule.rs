@@ -131,7 +131,7 @@ pub fn round_half_even(x: f64) -> f64 {
 
 /// `np.interp(x, arange(len(fp)), fp)` with numpy's formula (slope · (x − xp[j]) + fp[j]).
 pub fn interp_index(x: f64, fp: &[f32]) -> f64 {
-    let last = fp.len() - 1;
+    let Some(last) = fp.len().checked_sub(1) else { return 0.0 };
     if x <= 0.0 {
         return fp[0] as f64;
     }
@@ -166,6 +166,10 @@ pub fn karras_sigmas(sigma_min: f64, sigma_max: f64, n: usize) -> Vec<f64> {
 pub fn sigma_to_t(sigma: f64, log_sigmas: &[f32]) -> f64 {
     let log_sigma = sigma.max(1e-10).ln();
     let n = log_sigmas.len();
+    // One training timestep (`num_train_timesteps: 1`): nothing to interpolate between.
+    if n < 2 {
+        return 0.0;
+    }
     // numpy: cumsum(dists >= 0).argmax() = the last index whose log σ is <= log_sigma (0 if none).
     let mut low = 0usize;
     for (i, &l) in log_sigmas.iter().enumerate() {
