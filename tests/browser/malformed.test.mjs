@@ -17,9 +17,9 @@ const dir = join(repo, "tests/fixtures/malformed");
 const cases = JSON.parse(readFileSync(join(dir, "manifest.json"), "utf8")).cases;
 const byFile = Object.fromEntries(cases.map((c) => [c.file, c]));
 
-// The page reads adapters by their contents (a pickle or zip named .safetensors reads as a
-// broken safetensors file there); these are the cases whose message is the same as in the CLI.
+// Adapters dropped on the page get the CLI's messages, a pickle renamed to .safetensors too.
 const LORAS = [
+  "lora_pickle_renamed.safetensors",
   "empty.safetensors", "truncated_header.safetensors", "header_longer_than_file.safetensors",
   "header_length_u64_max.safetensors", "invalid_json.safetensors", "header_not_utf8.safetensors",
   "offsets_past_end.safetensors", "offsets_overlap.safetensors", "dtype_shape_mismatch.safetensors",

@@ -463,8 +463,8 @@ pub async fn lora_add(file: Blob, name: String) -> Result<JsValue, JsValue> {
         }
         let cfg = s.config.clone().unwrap_or_else(PipelineConfig::sd15);
         let reader = BlobReader::new(file.clone(), name.clone());
-        let f = SafetensorsFile::open(reader.clone(), name.clone()).map_err(err)?;
-        let lf = Arc::new(read_lora_for(&f, &cfg).map_err(err)?);
+        // By content too: a pickle or zip renamed to .safetensors gets the CLI's message.
+        let lf = Arc::new(loralab::lora::open_lora(reader.clone(), &name, &cfg).map_err(err)?);
         let record = file_record(&reader, file_name(&name)).map_err(err)?;
         let id = s.next_id;
         s.next_id += 1;
