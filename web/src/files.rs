@@ -1,14 +1,15 @@
 //! Reading files in the engine's Worker without holding them in wasm memory: a
 //! [`RangeRead`] over a `Blob` (a dropped `File`, a fetched response, a file in the Origin
 //! Private File System) through `FileReaderSync`, which Workers have; and a diffusers folder
-//! given as a map of relative paths to Blobs.
+//! given as a map of relative paths to Blobs; and writing to an OPFS file through its sync
+//! access handle.
 
 use loralab::io::RangeRead;
 use loralab::model::checkpoint::ModelFiles;
 use loralab::{Error, Result};
 use std::collections::HashMap;
 use wasm_bindgen::JsCast;
-use web_sys::{Blob, FileReaderSync};
+use web_sys::{Blob, FileReaderSync, FileSystemReadWriteOptions, FileSystemSyncAccessHandle};
 
 /// A Blob read by byte ranges.
 #[derive(Clone)]
@@ -122,5 +123,40 @@ impl ModelFiles for BlobFiles {
         } else {
             format!("{}/{path}", self.root)
         }
+    }
+}
+
+/// `std::io::Write` over an OPFS sync access handle.
+pub struct HandleWriter {
+    handle: FileSystemSyncAccessHandle,
+    at: f64,
+}
+
+impl HandleWriter {
+    /// Writes from the start of the file.
+    pub fn new(handle: FileSystemSyncAccessHandle) -> Self {
+        HandleWriter { handle, at: 0.0 }
+    }
+
+    /// Bytes written so far (the file's length).
+    pub fn written(&self) -> f64 {
+        self.at
+    }
+}
+
+impl std::io::Write for HandleWriter {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        let opts = FileSystemReadWriteOptions::new();
+        opts.set_at(self.at);
+        let n = self
+            .handle
+            .write_with_u8_array_and_options(buf, &opts)
+            .map_err(|e| std::io::Error::other(format!("writing to the browser's file storage failed: {e:?}")))?;
+        self.at += n;
+        Ok(n as usize)
+    }
+
+    fn flush(&mut self) -> std::io::Result<()> {
+        self.handle.flush().map_err(|e| std::io::Error::other(format!("{e:?}")))
     }
 }

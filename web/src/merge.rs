@@ -8,6 +8,7 @@
 //! `text_encoder/model.safetensors` (the VAE is unchanged), to drop into a copy of the folder.
 
 use crate::engine::{with_source, Source};
+use crate::files::HandleWriter;
 use crate::{js_error, to_js};
 use loralab::lora::fuse::{diffusers_keys, merge_metadata, same_keys, write_merged, FuseReport, OutputDType, Plan, Weighted};
 use loralab::lora::{LoraFile, ModelLayers, Target};
@@ -16,30 +17,7 @@ use loralab::Error;
 use serde::Serialize;
 use std::collections::BTreeMap;
 use wasm_bindgen::prelude::*;
-use web_sys::{FileSystemReadWriteOptions, FileSystemSyncAccessHandle};
-
-/// `std::io::Write` over an OPFS sync access handle.
-struct HandleWriter {
-    handle: FileSystemSyncAccessHandle,
-    at: f64,
-}
-
-impl std::io::Write for HandleWriter {
-    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
-        let opts = FileSystemReadWriteOptions::new();
-        opts.set_at(self.at);
-        let n = self
-            .handle
-            .write_with_u8_array_and_options(buf, &opts)
-            .map_err(|e| std::io::Error::other(format!("writing to the browser's file storage failed: {e:?}")))?;
-        self.at += n;
-        Ok(n as usize)
-    }
-
-    fn flush(&mut self) -> std::io::Result<()> {
-        self.handle.flush().map_err(|e| std::io::Error::other(format!("{e:?}")))
-    }
-}
+use web_sys::FileSystemSyncAccessHandle;
 
 #[derive(Serialize)]
 struct Output {
@@ -109,7 +87,7 @@ pub fn merge_write(component: String, handle: FileSystemSyncAccessHandle, out_na
         let plan = Plan::new(&weighted, &layers).map_err(|e| js_error(&e))?;
         let (mkey, mvalue) = merge_metadata(&weighted);
         let mut report = FuseReport { skipped_layers: plan.skipped_layers, ..Default::default() };
-        let out = HandleWriter { handle: handle.clone(), at: 0.0 };
+        let out = HandleWriter::new(handle.clone());
         handle.truncate_with_f64(0.0).map_err(|e| js_error(&Error::Io { file: out_name.clone(), message: format!("{e:?}") }))?;
         let written = match (component.as_str(), ck.layout) {
             ("single", Layout::SingleFile) => {
@@ -132,7 +110,7 @@ pub fn merge_write(component: String, handle: FileSystemSyncAccessHandle, out_na
         }
         .map_err(|e| js_error(&e))?;
         handle.flush().map_err(|e| js_error(&Error::Io { file: out_name.clone(), message: format!("{e:?}") }))?;
-        to_js(&Written { tensors: report.tensors, merged: report.merged, skipped_layers: report.skipped_layers, bytes: written.at })
+        to_js(&Written { tensors: report.tensors, merged: report.merged, skipped_layers: report.skipped_layers, bytes: written.written() })
     })
 }
 

@@ -18,7 +18,7 @@
 mod data;
 
 use crate::engine::{provenance_now, with_source, Source};
-use crate::files::BlobReader;
+use crate::files::{BlobReader, HandleWriter};
 use crate::{gpu, js_error, now, to_js};
 use loralab::io::xmp::{AdapterRecord, ModelRecord, Provenance};
 use loralab::io::RangeRead;
@@ -33,7 +33,7 @@ use loralab::{DType, Error};
 use serde::{Deserialize, Serialize};
 use std::cell::RefCell;
 use wasm_bindgen::prelude::*;
-use web_sys::{Blob, FileSystemReadWriteOptions, FileSystemSyncAccessHandle};
+use web_sys::{Blob, FileSystemSyncAccessHandle};
 
 fn err(e: Error) -> JsValue {
     js_error(&e)
@@ -522,29 +522,6 @@ pub async fn train_export(finished_at: f64) -> Result<JsValue, JsValue> {
     Ok(obj)
 }
 
-/// `std::io::Write` over an OPFS sync access handle.
-struct HandleWriter {
-    handle: FileSystemSyncAccessHandle,
-    at: f64,
-}
-
-impl std::io::Write for HandleWriter {
-    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
-        let opts = FileSystemReadWriteOptions::new();
-        opts.set_at(self.at);
-        let n = self
-            .handle
-            .write_with_u8_array_and_options(buf, &opts)
-            .map_err(|e| std::io::Error::other(format!("writing to the browser's file storage failed: {e:?}")))?;
-        self.at += n;
-        Ok(n as usize)
-    }
-
-    fn flush(&mut self) -> std::io::Result<()> {
-        self.handle.flush().map_err(|e| std::io::Error::other(format!("{e:?}")))
-    }
-}
-
 /// The name of the hand-off zip of the current run.
 #[wasm_bindgen]
 pub fn train_handoff_name() -> Result<String, JsValue> {
@@ -568,7 +545,7 @@ pub fn train_handoff(handle: FileSystemSyncAccessHandle, unix_seconds: f64) -> R
             BlobReader::new(blob, name).read_all()
         };
         let w = write_handoff(
-            HandleWriter { handle: handle.clone(), at: 0.0 },
+            HandleWriter::new(handle.clone()),
             &rec,
             ExportDtype::F16,
             run.trainer.dataset(),
@@ -578,7 +555,7 @@ pub fn train_handoff(handle: FileSystemSyncAccessHandle, unix_seconds: f64) -> R
         )
         .map_err(err)?;
         handle.flush().map_err(|e| invalid(format!("{e:?}")))?;
-        Ok(w.at)
+        Ok(w.written())
     })();
     put(run);
     out
