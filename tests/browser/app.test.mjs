@@ -17,7 +17,7 @@ import assert from "node:assert/strict";
 import { createHash } from "node:crypto";
 import { readFileSync } from "node:fs";
 import { join } from "node:path";
-import { artifacts, describe, launch, openApp, repo, screenshot, serveApp, waitAttr } from "./harness.mjs";
+import { artifacts, describe, launch, openApp, repo, screenshot, serveApp, waitAttr, modelLoaded as waitModel } from "./harness.mjs";
 import { serveModel } from "./model-server.mjs";
 import { comparePixels, readPng } from "./png.mjs";
 
@@ -68,12 +68,7 @@ const $ = {
 };
 
 /** Waits for the engine, then for the model panel to finish loading; asserts it loaded. */
-async function modelLoaded(page, what) {
-  const state = await waitAttr(page, "html", "data-state", ["ready", "unavailable", "error"], TIMEOUT_MS);
-  assert.equal(state, "ready", `the engine did not start: ${await describe(page)}`);
-  const model = await waitAttr(page, "#model", "data-state", ["loaded", "error"], TIMEOUT_MS);
-  assert.equal(model, "loaded", `${what} did not load: ${await describe(page)}`);
-}
+const modelLoaded = (page, what) => waitModel(page, what, TIMEOUT_MS);
 
 /** Sets the form for a reproducible image. */
 async function setForm({ prompt, seed, steps = STEPS }) {

@@ -15,7 +15,7 @@ import { after, before, test } from "node:test";
 import assert from "node:assert/strict";
 import { readFileSync } from "node:fs";
 import { join } from "node:path";
-import { describe, launch, openApp, repo, screenshot, serveApp, waitAttr } from "./harness.mjs";
+import { describe, launch, openApp, repo, screenshot, serveApp, waitAttr, modelLoaded as waitModel } from "./harness.mjs";
 import { serveModel } from "./model-server.mjs";
 import { readPng } from "./png.mjs";
 
@@ -38,12 +38,7 @@ after(async () => {
   app?.server.close();
 });
 
-async function modelLoaded(page, what) {
-  const state = await waitAttr(page, "html", "data-state", ["ready", "unavailable", "error"], TIMEOUT_MS);
-  assert.equal(state, "ready", `the engine did not start: ${await describe(page)}`);
-  const model = await waitAttr(page, "#model", "data-state", ["loaded", "error"], TIMEOUT_MS);
-  assert.equal(model, "loaded", `${what} did not load: ${await describe(page)}`);
-}
+const modelLoaded = (page, what) => waitModel(page, what, TIMEOUT_MS);
 
 /** Clicks Generate and waits until the output panel is done or failed; returns its state. */
 async function generate(page) {

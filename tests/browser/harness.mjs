@@ -101,6 +101,14 @@ export async function describe(page) {
   });
 }
 
+/** Waits until the engine has started and the model panel has loaded `what` (asserts both). */
+export async function modelLoaded(page, what, timeout) {
+  const state = await waitAttr(page, "html", "data-state", ["ready", "unavailable", "error"], timeout);
+  assert.equal(state, "ready", `the engine did not start: ${await describe(page)}`);
+  const model = await waitAttr(page, "#model", "data-state", ["loaded", "error"], timeout);
+  assert.equal(model, "loaded", `${what} did not load: ${await describe(page)}`);
+}
+
 /** Saves a full-page screenshot under tests/browser/artifacts/. */
 export async function screenshot(page, name) {
   mkdirSync(artifacts, { recursive: true });

@@ -10,7 +10,7 @@ import { after, before, test } from "node:test";
 import assert from "node:assert/strict";
 import { readFileSync } from "node:fs";
 import { join } from "node:path";
-import { describe, launch, openApp, repo, screenshot, serveApp, waitAttr } from "./harness.mjs";
+import { describe, launch, openApp, repo, screenshot, serveApp, waitAttr, modelLoaded as waitModel } from "./harness.mjs";
 
 const TIMEOUT_MS = Number(process.env.APP_TIMEOUT_MS ?? 300_000);
 const dir = join(repo, "tests/fixtures/malformed");
@@ -50,12 +50,7 @@ function includesAll(text, c) {
   for (const m of c.message) assert.ok(text.includes(m), `${c.file}: "${text}" lacks "${m}"`);
 }
 
-async function modelLoaded(page) {
-  const state = await waitAttr(page, "html", "data-state", ["ready", "unavailable", "error"], TIMEOUT_MS);
-  assert.equal(state, "ready", `the engine did not start: ${await describe(page)}`);
-  const model = await waitAttr(page, "#model", "data-state", ["loaded", "error"], TIMEOUT_MS);
-  assert.equal(model, "loaded", `the demo model did not load: ${await describe(page)}`);
-}
+const modelLoaded = (page) => waitModel(page, "the demo model", TIMEOUT_MS);
 
 test("broken adapters become error cards with the engine's message", { timeout: TIMEOUT_MS }, async () => {
   const { page } = session;

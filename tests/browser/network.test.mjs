@@ -13,7 +13,7 @@ import { after, before, test } from "node:test";
 import assert from "node:assert/strict";
 import { readdirSync, readFileSync, statSync } from "node:fs";
 import { join, relative } from "node:path";
-import { describe, launch, openApp, repo, serveApp, waitAttr } from "./harness.mjs";
+import { describe, launch, openApp, repo, serveApp, waitAttr, modelLoaded as waitModel } from "./harness.mjs";
 import { serveModel } from "./model-server.mjs";
 
 const TIMEOUT_MS = Number(process.env.APP_TIMEOUT_MS ?? 300_000);
@@ -36,12 +36,7 @@ after(async () => {
   app?.server.close();
 });
 
-async function modelLoaded(page, what) {
-  const state = await waitAttr(page, "html", "data-state", ["ready", "unavailable", "error"], TIMEOUT_MS);
-  assert.equal(state, "ready", `the engine did not start: ${await describe(page)}`);
-  const model = await waitAttr(page, "#model", "data-state", ["loaded", "error"], TIMEOUT_MS);
-  assert.equal(model, "loaded", `${what} did not load: ${await describe(page)}`);
-}
+const modelLoaded = (page, what) => waitModel(page, what, TIMEOUT_MS);
 
 /**
  * What a context (page or Worker) may do: fetch from another origin, run a string as code. Code

@@ -25,7 +25,7 @@ import assert from "node:assert/strict";
 import { createHash } from "node:crypto";
 import { readFileSync } from "node:fs";
 import { join } from "node:path";
-import { artifacts, describe, launch, openApp, repo, screenshot, serveApp, waitAttr } from "./harness.mjs";
+import { artifacts, describe, launch, openApp, repo, screenshot, serveApp, waitAttr, modelLoaded as waitModel } from "./harness.mjs";
 import { readPng } from "./png.mjs";
 
 const TIMEOUT_MS = Number(process.env.APP_TIMEOUT_MS ?? 600_000);
@@ -59,12 +59,7 @@ const consent = {
   likeness: () => panel().getByRole("checkbox", { name: "People shown have consented to a likeness model" }),
 };
 
-async function modelLoaded(page) {
-  const state = await waitAttr(page, "html", "data-state", ["ready", "unavailable", "error"], TIMEOUT_MS);
-  assert.equal(state, "ready", `the engine did not start: ${await describe(page)}`);
-  const model = await waitAttr(page, "#model", "data-state", ["loaded", "error"], TIMEOUT_MS);
-  assert.equal(model, "loaded", `the demo model did not load: ${await describe(page)}`);
-}
+const modelLoaded = (page) => waitModel(page, "the demo model", TIMEOUT_MS);
 
 /** The panel's state, status, error and figures, for messages. */
 async function trainState(page) {
