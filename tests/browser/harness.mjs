@@ -71,7 +71,11 @@ export async function openApp(browser, origin, { viewport = { width: 1280, heigh
     const o = new URL(url).origin;
     if (!allowed.has(o)) problems.push(`request to another origin: ${url}`);
   });
-  context.on("requestfailed", (r) => problems.push(`request failed: ${r.url()} ${r.failure()?.errorText}`));
+  context.on("requestfailed", (r) => {
+    // The browser's own icon fetch is cancelled when a reload replaces the page; not the app's.
+    if (new URL(r.url()).pathname === "/favicon.svg" && r.failure()?.errorText === "net::ERR_ABORTED") return;
+    problems.push(`request failed: ${r.url()} ${r.failure()?.errorText}`);
+  });
   context.on("response", (r) => {
     if (r.status() >= 400) problems.push(`HTTP ${r.status()}: ${r.url()}`);
   });
