@@ -70,14 +70,15 @@ async function newestParameters(page) {
 /** Names under the Origin Private File System folder `path` ([] when it does not exist). */
 function opfsNames(page, path) {
   return page.evaluate(async (path) => {
-    let d = await navigator.storage.getDirectory();
-    try {
-      for (const p of path.split("/")) d = await d.getDirectoryHandle(p);
-    } catch {
-      return [];
-    }
-    // An entry removed while the folder is read fails the listing: read it again.
+    // An entry (or the folder) removed or replaced while it is read fails the listing: look the
+    // folder up again and read it again.
     for (let attempt = 0; ; attempt++) {
+      let d = await navigator.storage.getDirectory();
+      try {
+        for (const p of path.split("/")) d = await d.getDirectoryHandle(p);
+      } catch {
+        return [];
+      }
       try {
         const names = [];
         for await (const [name] of d.entries()) {
