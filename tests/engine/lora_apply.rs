@@ -84,6 +84,7 @@ fn file(name: &str, layers: Vec<LayerAdapter>) -> LoraFile {
         bytes: 0,
         dtypes: vec![],
         warnings: vec![],
+        embeddings: vec![],
     }
 }
 

@@ -156,7 +156,7 @@ fn train_clip_gradients_match_torch_autograd() {
         let d = mse_loss_grad(g, &pred, &target).unwrap();
         let d_ctx = train.backward_with_context_grad(g, tape, &d).unwrap();
         assert_eq!(d_ctx.shape(), ctx.shape());
-        clip.backward(g, ctape, &d_ctx).unwrap();
+        clip.backward(g, ctape, &d_ctx, false).unwrap();
         let (ce, pe) = (nmse(&read(g, &ctx), &f.read_f32("prompt_embeds").unwrap()), nmse(&read(g, &pred), &f.read_f32("noise_pred").unwrap()));
         eprintln!("checkpointing {checkpointing}: prompt embeds NMSE {ce:e}, prediction NMSE {pe:e}");
         assert!(ce <= PRED_BOUND && pe <= PRED_BOUND, "{ce:e} {pe:e}");
@@ -168,4 +168,70 @@ fn train_clip_gradients_match_torch_autograd() {
         runs.push(all);
     }
     assert_eq!(runs[0], runs[1], "checkpointing changed the text encoder's gradients");
+}
+
+/// Loss `Σ out · r` of the text encoder (no adapters) over `rows`, the added tokens' rows read
+/// from `table` (`[1 + n, dim]`).
+fn weighted_sum(g: &Gpu, te: &ClipTextModel, train: &TrainClip, rows: &[&[u32]], table: &[f32], r: &[f32]) -> f64 {
+    let dim = te.config().hidden_size;
+    let t = Tensor::from_f32(g, &[table.len() / dim, dim], table).unwrap();
+    let e = te.embeddings_with_added(g, rows, &t).unwrap();
+    let (out, _tape) = train.forward(g, &e, TrainOptions::default()).unwrap();
+    read(g, &out).iter().zip(r).map(|(a, b)| *a as f64 * *b as f64).sum()
+}
+
+/// A learned token's rows (pivotal tuning): with the added table at the rows of their base
+/// tokens the embeddings equal the model's own; the backward's gradient at the embeddings,
+/// summed per added id (`token_row_grads`), against central differences of the f32 forward,
+/// with and without checkpointing.
+#[test]
+fn train_clip_added_token_gradients_match_finite_differences() {
+    let g = gpu();
+    let (mut te, _) = models(g);
+    let dim = te.config().hidden_size;
+    let vocab = te.config().vocab_size as u32;
+    let base: [u32; 2] = [1000, 2000];
+    // Two rows of 12 tokens: the added ids (vocab, vocab + 1) where the base tokens were, once
+    // and twice.
+    let plain: Vec<Vec<u32>> =
+        vec![vec![49406, 320, 1000, 2000, 530, 320, 1125, 49407, 49407, 49407, 49407, 49407], vec![49406, 1000, 2000, 539, 1000, 2000, 49407, 49407, 49407, 49407, 49407, 49407]];
+    let added: Vec<Vec<u32>> = plain.iter().map(|r| r.iter().map(|&t| base.iter().position(|&b| b == t).map_or(t, |k| vocab + k as u32)).collect()).collect();
+    let plain_rows: Vec<&[u32]> = plain.iter().map(Vec::as_slice).collect();
+    let rows: Vec<&[u32]> = added.iter().map(Vec::as_slice).collect();
+    let mut table = vec![0.0f32; dim];
+    table.extend(super::common::block(te.token_rows_f32(g, &base)).unwrap());
+    let t = Tensor::from_f32(g, &[3, dim], &table).unwrap();
+    let same = nmse(&read(g, &te.embeddings_with_added(g, &rows, &t).unwrap()), &read(g, &te.embeddings(g, &plain_rows).unwrap()));
+    assert_eq!(same, 0.0, "added rows equal to their base tokens' give the same embeddings");
+    // Rows moved away from the base, so the check is not at a special point.
+    let mut rng = loralab::rng::Rng::new(5);
+    for v in &mut table[dim..] {
+        *v += (rng.uniform() as f32 - 0.5) * 0.6;
+    }
+    let r = rng.uniform_vec(2 * 12 * dim, -1.0, 1.0);
+    for checkpointing in [false, true] {
+        let train = TrainClip::new(&mut te, LoraParams::none(&LoraConfig::default()), 2, true).unwrap();
+        let t = Tensor::from_f32(g, &[3, dim], &table).unwrap();
+        let e = te.embeddings_with_added(g, &rows, &t).unwrap();
+        let (out, tape) = train.forward(g, &e, TrainOptions { checkpointing }).unwrap();
+        let d_out = Tensor::from_f32(g, out.shape(), &r).unwrap();
+        let de = train.backward(g, tape, &d_out, true).unwrap().expect("embedding gradient");
+        let got = loralab::model::backward::token_row_grads(&rows, &read(g, &de), vocab, 2, dim).unwrap();
+        assert!(got[..dim].iter().all(|&v| v == 0.0), "row 0 has no gradient");
+        let (mut worst, mut scale) = (0.0f64, 0.0f64);
+        let h = 1e-2f32;
+        for idx in [dim, dim + 7, dim + dim / 2, 2 * dim + 3, 3 * dim - 1] {
+            let mut p = table.clone();
+            p[idx] += h;
+            let up = weighted_sum(g, &te, &train, &rows, &p, &r);
+            p[idx] -= 2.0 * h;
+            let down = weighted_sum(g, &te, &train, &rows, &p, &r);
+            let fd = (up - down) / (2.0 * h as f64);
+            worst = worst.max((fd - got[idx] as f64).abs());
+            scale = scale.max(fd.abs());
+        }
+        eprintln!("checkpointing {checkpointing}: added-token gradient vs central differences: worst |Δ| {worst:e} of max |g| {scale:e}");
+        assert!(scale > 1e-3, "the gradient is not trivially zero");
+        assert!(worst <= 5e-3 * scale, "worst {worst:e} of {scale:e}");
+    }
 }

@@ -282,3 +282,80 @@ fn train_loop_trains_the_text_encoder_and_resumes_exactly() {
     assert!(e.contains("te_lr"), "{e}");
 }
 
+
+/// With `trigger_lr` the trigger word is learned as a token of its own (pivotal tuning): its
+/// vectors start as the word's BPE token rows and move; the text encoder's adapters stay out
+/// unless `te_lr` asks for them; the export bundles the vectors
+/// (`bundle_emb.sks.string_to_param.*`) and reading it back gives the embedding; resuming from a
+/// checkpoint (the vectors and their moments included) equals the uninterrupted run bit for bit.
+#[test]
+fn train_loop_learns_the_trigger_embedding_and_resumes_exactly() {
+    let _s = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
+    let g = gpu();
+    let config = TrainConfig {
+        steps: 4,
+        batch: 1,
+        grad_accum: 2,
+        lr: 2e-3,
+        trigger_lr: Some(5e-3),
+        rank: 4,
+        alpha: 2.0,
+        schedule: "cosine".into(),
+        warmup_steps: 1,
+        prior_weight: 0.5,
+        seed: 17,
+        ..TrainConfig::default()
+    };
+    let export = |t: &Trainer| block(t.export(g, &t.training_record(), ExportDtype::F32)).expect("export");
+    let mut straight = trainer_with(g, config.clone(), false, true);
+    let start = block(straight.trigger_embedding(g)).expect("read").expect("a trigger embedding");
+    assert_eq!((start.name.as_str(), start.shape[0]), ("sks", 1), "`sks` is one BPE token");
+    // It starts as the word's own row.
+    let ck = tiny_ck();
+    let te = loralab::model::clip::ClipTextModel::load(g, &ck.config.text_encoder, &ck.text_encoder, WeightPlan::new(DType::F32).text_encoder)
+        .expect("text encoder");
+    let ids: Vec<u32> = ck.tokenizer.encode("sks").into_iter().filter(|&t| t != ck.tokenizer.start_id() && t != ck.tokenizer.end_id()).collect();
+    assert_eq!(start.values, block(te.token_rows_f32(g, &ids)).expect("rows"));
+    drop(te);
+    assert!(straight.text_encoder_params().is_none_or(|p| p.layers().is_empty()), "no text-encoder adapters without te_lr");
+    let all = run(g, &mut straight, 4);
+    let end = block(straight.trigger_embedding(g)).expect("read").expect("a trigger embedding");
+    assert_ne!(end.values, start.values, "the trigger's vector did not move");
+    assert!(end.values.iter().all(|v| v.is_finite()));
+    let want = export(&straight);
+    drop(straight);
+    let file = SafetensorsFile::open(&want[..], "trig.safetensors").expect("export");
+    let e = file.get("bundle_emb.sks.string_to_param.*").expect("bundled embedding");
+    assert_eq!(e.shape, vec![1, start.values.len()]);
+    let lora = loralab::lora::read_lora(&file).unwrap_or_else(|e| panic!("{e}"));
+    assert!(lora.layers.iter().all(|l| l.target == loralab::lora::Target::Unet), "UNet layers only");
+    assert_eq!(lora.embeddings.len(), 1);
+    assert_eq!((lora.embeddings[0].token.as_str(), &lora.embeddings[0].vectors), ("sks", &end.values));
+    assert!(lora.summary(None).to_text().contains("`sks` (1 vectors)"), "{}", lora.summary(None).to_text());
+    // The embedding on its own: an A1111 textual-inversion file the engine reads back.
+    let alone = loralab::train::export::export_embedding(&end, ExportDtype::F32).expect("embedding file");
+    let ti = loralab::model::textual_inversion::read_textual_inversion(&SafetensorsFile::open(&alone[..], "sks.safetensors").expect("file")).expect("embedding");
+    assert_eq!((ti.token.as_str(), &ti.vectors), ("sks", &end.values));
+
+    let mut first = trainer_with(g, config.clone(), false, true);
+    assert_eq!(run(g, &mut first, 2), all[..2]);
+    let state = block(first.save_state(g)).expect("state");
+    drop(first);
+    let mut second = trainer_with(g, TrainConfig { checkpointing: true, ..config.clone() }, false, true);
+    second.load_state(g, &state, "half.safetensors").unwrap_or_else(|e| panic!("{e}"));
+    assert_eq!(run(g, &mut second, 2), all[2..], "losses after resuming");
+    assert_eq!(tensors(&export(&second)), tensors(&want), "the resumed run's LoRA differs from the uninterrupted run's");
+    drop(second);
+    let mut plain = trainer_with(g, TrainConfig { trigger_lr: None, ..config.clone() }, false, true);
+    let e = plain.load_state(g, &state, "half.safetensors").unwrap_err().to_string();
+    assert!(e.contains("trigger_lr"), "{e}");
+    drop(plain);
+    // A trigger of two words cannot be one learned token.
+    let opts = DatasetOptions::new(64, "sks dog", "shape");
+    let ds = Dataset::from_files(shapes_files(2), opts).expect("dataset");
+    let err = block(Trainer::new(g, &tiny_ck(), WeightPlan::new(DType::F32), ds, None, config.clone(), SampleSettings::default()))
+        .err()
+        .expect("two-word trigger refused")
+        .to_string();
+    assert!(err.contains("trigger_lr") && err.contains("several words"), "{err}");
+}

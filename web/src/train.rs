@@ -69,6 +69,10 @@ struct Settings {
     /// The text encoder's learning rate; absent or null: the UNet only.
     #[serde(default)]
     te_lr: Option<f64>,
+    /// The trigger word's own embedding's learning rate (pivotal tuning); absent or null: the
+    /// word keeps its embedding.
+    #[serde(default)]
+    trigger_lr: Option<f64>,
     steps: u64,
     batch: usize,
     #[serde(default = "one")]
@@ -119,6 +123,7 @@ impl Settings {
             conv_alpha: self.alpha,
             lr: self.lr,
             te_lr: self.te_lr,
+            trigger_lr: self.trigger_lr,
             schedule: self.schedule.clone(),
             warmup_steps: self.warmup,
             steps: self.steps,

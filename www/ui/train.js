@@ -25,6 +25,7 @@ const FIELDS = [
   ["train-alpha", "alpha", "num"],
   ["train-lr", "lr", "num"],
   ["train-te-lr", "te_lr", "optnum"],
+  ["train-trigger-lr", "trigger_lr", "optnum"],
   ["train-steps", "steps", "int"],
   ["train-batch", "batch", "int"],
   ["train-schedule", "schedule", "text"],

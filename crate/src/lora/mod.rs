@@ -335,6 +335,10 @@ pub struct LoraFile {
     pub dtypes: Vec<String>,
     /// Things worth telling the user that do not stop the file from loading.
     pub warnings: Vec<String>,
+    /// Textual-inversion embeddings bundled in the file (A1111's `bundle_emb.<token>.*`,
+    /// e.g. a trigger word learned with the adapter): loading the adapter makes their tokens
+    /// usable in prompts.
+    pub embeddings: Vec<crate::model::textual_inversion::TextualInversion>,
 }
 
 impl LoraFile {

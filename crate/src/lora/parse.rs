@@ -11,6 +11,7 @@ use crate::io::safetensors::{SafetensorsFile, TensorEntry};
 use crate::io::RangeRead;
 use crate::model::checkpoint::{is_pickle_name, refuse_pickle};
 use crate::model::config::PipelineConfig;
+use crate::model::textual_inversion::{read_vectors, EmbeddingLayout, TextualInversion};
 use std::collections::{BTreeMap, BTreeSet};
 
 /// Reads an adapter file, mapping CompVis UNet names with Stable Diffusion 1.x's block
@@ -61,7 +62,12 @@ pub fn read_lora_for<R: RangeRead>(file: &SafetensorsFile<R>, cfg: &PipelineConf
     let has = |k: &str| names.contains(k);
     let mut groups: BTreeMap<String, Group> = BTreeMap::new();
     let mut unrecognised = Vec::new();
+    let mut bundled: BTreeMap<&str, Vec<&TensorEntry>> = BTreeMap::new();
     for t in file.tensors() {
+        if let Some(rest) = t.name.strip_prefix("bundle_emb.") {
+            bundled.entry(rest.split('.').next().unwrap_or_default()).or_default().push(t);
+            continue;
+        }
         match parse_key(&t.name, cfg, &has) {
             Some(p) => {
                 let g = groups.entry(p.prefix.clone()).or_insert_with(|| Group::new(&p));
@@ -72,10 +78,11 @@ pub fn read_lora_for<R: RangeRead>(file: &SafetensorsFile<R>, cfg: &PipelineConf
             None => unrecognised.push(t.name.clone()),
         }
     }
-    if groups.is_empty() {
+    let mut warnings = metadata.problems.clone();
+    let embeddings = bundled_embeddings(file, &bundled, &mut warnings)?;
+    if groups.is_empty() && embeddings.is_empty() {
         return Err(not_an_adapter(file));
     }
-    let mut warnings = metadata.problems.clone();
     let mut layers = Vec::new();
     let mut other_components = Vec::new();
     let mut styles: BTreeMap<Format, usize> = BTreeMap::new();
@@ -93,7 +100,7 @@ pub fn read_lora_for<R: RangeRead>(file: &SafetensorsFile<R>, cfg: &PipelineConf
         *styles.entry(g.format(&layer)).or_default() += 1;
         layers.push(layer);
     }
-    if layers.is_empty() && other_components.is_empty() {
+    if layers.is_empty() && other_components.is_empty() && embeddings.is_empty() {
         return Err(not_an_adapter(file));
     }
     layers.sort_by(|a, b| (a.target, &a.module, &a.key).cmp(&(b.target, &b.module, &b.key)));
@@ -150,7 +157,37 @@ pub fn read_lora_for<R: RangeRead>(file: &SafetensorsFile<R>, cfg: &PipelineConf
         bytes: file.reader().len(),
         dtypes,
         warnings,
+        embeddings,
     })
+}
+
+/// The embeddings bundled in an adapter file (A1111: `bundle_emb.<token>.string_to_param.*`,
+/// or `bundle_emb.<token>.emb_params`; one tensor per token). SDXL's two-part embeddings
+/// (`clip_l` / `clip_g`) are skipped with a warning, as are names that cannot be a trigger.
+fn bundled_embeddings<R: RangeRead>(
+    file: &SafetensorsFile<R>,
+    bundled: &BTreeMap<&str, Vec<&TensorEntry>>,
+    warnings: &mut Vec<String>,
+) -> Result<Vec<TextualInversion>> {
+    let mut out = Vec::new();
+    for (&token, entries) in bundled {
+        let sdxl = entries.iter().any(|e| e.name.ends_with(".clip_g") || e.name.ends_with(".clip_l"));
+        if token.trim().is_empty() || sdxl {
+            let why = if sdxl { "an SDXL embedding (clip_l / clip_g)" } else { "no token name" };
+            warnings.push(format!("the bundled embedding `{}` is ignored: {why}", entries[0].name));
+            continue;
+        }
+        let [entry] = entries.as_slice() else {
+            let names: Vec<&str> = entries.iter().map(|e| e.name.as_str()).collect();
+            return Err(fmt_err(
+                file.name(),
+                entries[0].name.as_str(),
+                &format!("the bundled embedding `{token}` has {} tensors ({}); it must have one", names.len(), names.join(", ")),
+            ));
+        };
+        out.push(read_vectors(file, entry, token.to_string(), EmbeddingLayout::A1111)?);
+    }
+    Ok(out)
 }
 
 /// The tensors of one layer of the file.

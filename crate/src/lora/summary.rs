@@ -21,6 +21,13 @@ pub struct BlockCount {
     pub layers: usize,
 }
 
+/// An embedding bundled in an adapter file.
+#[derive(Clone, Debug, Serialize, PartialEq)]
+pub struct BundledToken {
+    pub token: String,
+    pub vectors: usize,
+}
+
 /// A summary of an adapter file.
 #[derive(Clone, Debug, Serialize)]
 pub struct Summary {
@@ -44,6 +51,8 @@ pub struct Summary {
     /// The scales they imply (alpha / rank, the LoKr rule).
     pub scales: Vec<ValueCount>,
     pub dora_layers: usize,
+    /// Bundled embeddings: (trigger word, vectors).
+    pub embeddings: Vec<BundledToken>,
     pub metadata: Metadata,
     pub unrecognised: Vec<String>,
     pub other_components: usize,
@@ -107,6 +116,7 @@ impl LoraFile {
             alphas,
             scales,
             dora_layers: self.layers.iter().filter(|l| l.dora.is_some()).count(),
+            embeddings: self.embeddings.iter().map(|e| BundledToken { token: e.token.clone(), vectors: e.n_vectors() }).collect(),
             metadata: self.metadata.clone(),
             unrecognised: self.unrecognised.clone(),
             other_components: self.other_components.len(),
@@ -163,6 +173,10 @@ impl Summary {
         }
         if self.dora_layers > 0 {
             line("DoRA", format!("{} layers", self.dora_layers));
+        }
+        if !self.embeddings.is_empty() {
+            let e: Vec<String> = self.embeddings.iter().map(|e| format!("`{}` ({} vectors)", e.token, e.vectors)).collect();
+            line("embeddings", format!("{} (bundled; the trigger works in prompts once the adapter is loaded)", e.join(", ")));
         }
         let m = &self.metadata;
         let fields: [(&str, Option<String>); 10] = [

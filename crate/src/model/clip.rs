@@ -233,9 +233,9 @@ impl ClipTextModel {
     /// `table[id, added ids as 0] * mask + added_table[id - vocab_size + 1, vocabulary ids as 0]`
     /// with mask 1 on vocabulary ids and 0 on added ids (row 0 of the added table is zeros), so
     /// every row is its table's row exactly.
-    fn token_rows(&self, gpu: &Gpu, ids: &[u32]) -> Result<Tensor> {
+    fn token_rows(&self, gpu: &Gpu, ids: &[u32], added: Option<&Tensor>) -> Result<Tensor> {
         let v = self.config.vocab_size as u32;
-        let Some(extra) = self.added_table.as_ref().filter(|_| ids.iter().any(|&t| t >= v)) else {
+        let Some(extra) = added.filter(|_| ids.iter().any(|&t| t >= v)) else {
             return embedding(gpu, &self.token_embedding, ids);
         };
         let base_ids: Vec<u32> = ids.iter().map(|&t| if t >= v { 0 } else { t }).collect();
@@ -246,9 +246,21 @@ impl ClipTextModel {
         add(gpu, &mul(gpu, &base, &mask)?, &embedding(gpu, extra, &extra_ids)?)
     }
 
+    /// The token embedding rows of vocabulary ids `ids`, `ids.len() × hidden_size` f32.
+    pub async fn token_rows_f32(&self, gpu: &Gpu, ids: &[u32]) -> Result<Vec<f32>> {
+        let v = self.config.vocab_size as u32;
+        if let Some(bad) = ids.iter().find(|&&t| t >= v) {
+            return Err(shape_err(OP, format!("token id {bad} is outside the vocabulary of {v}")));
+        }
+        if ids.is_empty() {
+            return Ok(vec![]);
+        }
+        embedding(gpu, &self.token_embedding, ids)?.to_f32(gpu).await
+    }
+
     /// Checks token id rows (same length, within the position table and the vocabulary plus
     /// the added tokens) and returns (batch, sequence length).
-    fn check_ids(&self, ids: &[&[u32]]) -> Result<(usize, usize)> {
+    fn check_ids(&self, ids: &[&[u32]], added: usize) -> Result<(usize, usize)> {
         let c = &self.config;
         let s = ids.first().map_or(0, |r| r.len());
         if s == 0 || ids.iter().any(|r| r.len() != s) {
@@ -261,14 +273,13 @@ impl ClipTextModel {
                 format!("{s} tokens exceed max_position_embeddings {}", c.max_position_embeddings),
             ));
         }
-        let known = c.vocab_size + self.num_added_tokens();
+        let known = c.vocab_size + added;
         if let Some(bad) = ids.iter().flat_map(|r| r.iter()).find(|&&t| t as usize >= known) {
             return Err(shape_err(
                 OP,
                 format!(
-                    "token id {bad} is outside the vocabulary of {} and the {} added tokens",
+                    "token id {bad} is outside the vocabulary of {} and the {added} added tokens",
                     c.vocab_size,
-                    self.num_added_tokens()
                 ),
             ));
         }
@@ -277,10 +288,27 @@ impl ClipTextModel {
 
     /// `CLIPTextEmbeddings`: `[B, S, D]`.
     pub fn embeddings(&self, gpu: &Gpu, ids: &[&[u32]]) -> Result<Tensor> {
-        let (b, s) = self.check_ids(ids)?;
+        self.embeddings_impl(gpu, ids, self.added_table.as_ref(), self.num_added_tokens())
+    }
+
+    /// [`embeddings`](Self::embeddings) with the added tokens' rows read from `added`,
+    /// `[1 + n, hidden_size]` f32 laid out as the model's own added table (row 0 zeros, then the
+    /// rows of ids `vocab_size..vocab_size + n`) instead of the model's: the rows a training run
+    /// learns (the trigger word's embedding) without re-uploading a table each step.
+    pub fn embeddings_with_added(&self, gpu: &Gpu, ids: &[&[u32]], added: &Tensor) -> Result<Tensor> {
+        let d = self.config.hidden_size;
+        let n = match added.shape() {
+            [rows, dim] if *rows >= 1 && *dim == d && added.dtype() == DType::F32 => rows - 1,
+            s => return Err(shape_err(OP, format!("the added token table {s:?} must be f32 [1 + n, {d}]"))),
+        };
+        self.embeddings_impl(gpu, ids, Some(added), n)
+    }
+
+    fn embeddings_impl(&self, gpu: &Gpu, ids: &[&[u32]], added: Option<&Tensor>, n_added: usize) -> Result<Tensor> {
+        let (b, s) = self.check_ids(ids, n_added)?;
         let d = self.config.hidden_size;
         let flat: Vec<u32> = ids.iter().flat_map(|r| r.iter().copied()).collect();
-        let tok = self.token_rows(gpu, &flat)?.reshape(&[b, s, d])?;
+        let tok = self.token_rows(gpu, &flat, added)?.reshape(&[b, s, d])?;
         let positions: Vec<u32> = (0..s as u32).collect();
         let pos = embedding(gpu, &self.position_embedding, &positions)?;
         add(gpu, &tok, &pos)
@@ -335,7 +363,7 @@ impl ClipTextModel {
     /// row of each sequence's end token (the highest id when `eos_token_id` is the legacy 2,
     /// else the first `eos_token_id`), `[B, D]`.
     pub fn pooled(&self, gpu: &Gpu, last_hidden_state: &Tensor, ids: &[&[u32]]) -> Result<Tensor> {
-        let (b, s) = self.check_ids(ids)?;
+        let (b, s) = self.check_ids(ids, self.num_added_tokens())?;
         let d = self.config.hidden_size;
         if last_hidden_state.shape() != [b, s, d] {
             return Err(shape_err(

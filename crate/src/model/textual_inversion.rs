@@ -168,6 +168,25 @@ pub fn read_textual_inversion<R: RangeRead>(file: &SafetensorsFile<R>) -> Result
         let what = if a1111 { "the file name has no stem to use" } else { "the tensor's name is blank" };
         return Err(err(Some(t), format!("no trigger word: {what}; give one explicitly")));
     }
+    read_vectors(file, entry, token, layout)
+}
+
+/// The embedding held by one tensor of `file` (`[dim]` or `[vectors, dim]`, a float type,
+/// finite), called by `token`: a textual-inversion file's only tensor, or an embedding bundled
+/// in a LoRA file (`bundle_emb.<token>.…`).
+pub fn read_vectors<R: RangeRead>(
+    file: &SafetensorsFile<R>,
+    entry: &crate::io::safetensors::TensorEntry,
+    token: String,
+    layout: EmbeddingLayout,
+) -> Result<TextualInversion> {
+    let name = file.name();
+    let t = entry.name.as_str();
+    let err = |tensor: Option<&str>, message: String| Error::Format {
+        file: name.to_string(),
+        tensor: tensor.map(str::to_string),
+        message,
+    };
     if !matches!(entry.dtype, Dtype::F32 | Dtype::F16 | Dtype::BF16 | Dtype::F64) {
         return Err(err(Some(t), format!("dtype {} is not a float type (F32, F16, BF16, F64)", entry.dtype)));
     }

@@ -27,6 +27,8 @@ use std::sync::Arc;
 pub(super) struct AdapterState {
     /// Rows of the tokens added by embeddings (re-applied when the text encoder reloads).
     pub(super) embedding_rows: Vec<f32>,
+    /// Trigger words of the embeddings bundled in the adapter files, added with them.
+    bundled: Vec<String>,
     files: Vec<Arc<LoraFile>>,
     /// (text encoder, UNet) strength per file.
     strengths: Vec<(f32, f32)>,
@@ -115,7 +117,11 @@ impl StableDiffusionPipeline {
         let te_s: Vec<f32> = strengths.iter().map(|s| s.0).collect();
         let unet_s: Vec<f32> = strengths.iter().map(|s| s.1).collect();
         // Clear what was installed first, so a reload during installation sees no stale data.
-        self.adapters = AdapterState { embedding_rows: std::mem::take(&mut self.adapters.embedding_rows), ..Default::default() };
+        self.adapters = AdapterState {
+            embedding_rows: std::mem::take(&mut self.adapters.embedding_rows),
+            bundled: std::mem::take(&mut self.adapters.bundled),
+            ..Default::default()
+        };
         let this = &*self;
         let (te_report, te) = with_model(
             &this.text_encoder,
@@ -171,8 +177,10 @@ impl StableDiffusionPipeline {
                 ));
             }
         }
+        self.sync_bundled_embeddings(gpu, &files, &mut report.warnings)?;
         self.adapters = AdapterState {
             embedding_rows: std::mem::take(&mut self.adapters.embedding_rows),
+            bundled: std::mem::take(&mut self.adapters.bundled),
             files,
             strengths,
             blocks: vec![],
@@ -183,10 +191,36 @@ impl StableDiffusionPipeline {
         Ok(report)
     }
 
-    /// Removes every adapter (embeddings stay).
-    pub fn clear_adapters(&mut self, _gpu: &Gpu) -> Result<()> {
+    /// Makes the embeddings bundled in `files` (A1111's `bundle_emb`, e.g. a learned trigger
+    /// word) the loaded bundled embeddings: those of earlier files go, these are added. A
+    /// token already taken (by an embedding loaded on its own, or by an earlier file) is
+    /// skipped with a warning.
+    fn sync_bundled_embeddings(&mut self, gpu: &Gpu, files: &[Arc<LoraFile>], warnings: &mut Vec<String>) -> Result<()> {
+        for token in std::mem::take(&mut self.adapters.bundled) {
+            self.remove_embedding(gpu, &token)?;
+        }
+        for f in files {
+            for e in &f.embeddings {
+                match self.add_embedding(gpu, e) {
+                    Ok(_) => self.adapters.bundled.push(e.token.clone()),
+                    Err(err) => warnings.push(format!("{}: its bundled embedding `{}` is not loaded: {err}", f.file, e.token)),
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// Removes every adapter (embeddings stay, except those bundled in the adapter files).
+    pub fn clear_adapters(&mut self, gpu: &Gpu) -> Result<()> {
         self.not_fused()?;
-        self.adapters = AdapterState { embedding_rows: std::mem::take(&mut self.adapters.embedding_rows), ..Default::default() };
+        for token in std::mem::take(&mut self.adapters.bundled) {
+            self.remove_embedding(gpu, &token)?;
+        }
+        self.adapters = AdapterState {
+            embedding_rows: std::mem::take(&mut self.adapters.embedding_rows),
+            bundled: std::mem::take(&mut self.adapters.bundled),
+            ..Default::default()
+        };
         if_resident(&self.text_encoder, "text encoder", |m| adapter::clear(m))?;
         if_resident(&self.unet, "UNet", |m| adapter::clear(m))
     }

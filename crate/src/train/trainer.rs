@@ -206,11 +206,12 @@ impl Trainer {
         } else {
             read_rows(gpu, encode_texts(gpu, &te, &ck.tokenizer, &prompts, config.clip_skip)?, per).await?
         };
-        let te = match config.te_lr {
+        let te = match config.te_lr.or(config.trigger_lr) {
             Some(_) => {
                 let reg_caps: Vec<&str> = reg.iter().flat_map(|r| r.items.iter().map(|i| i.caption.as_str())).collect();
                 let caps = [captions.as_slice(), reg_caps.as_slice()];
-                Some(text::TextTraining::new(gpu, te, &ck.tokenizer, &config, caps, &prompts)?)
+                let trigger = train.options.trigger.clone();
+                Some(text::TextTraining::new(gpu, te, &ck.tokenizer, &config, &trigger, caps, &prompts).await?)
             }
             None => {
                 drop(te);
@@ -308,7 +309,8 @@ impl Trainer {
         self.te.as_ref().map(|t| t.params())
     }
 
-    /// Every trainable tensor (the UNet's, then the text encoder's) with its AdamW moments and
+    /// Every trainable tensor (the UNet's, then the text encoder's, then the trigger token's)
+    /// with its AdamW moments and
     /// its parameter group's base learning rate.
     fn groups(&self) -> Vec<(Trainable<'_>, &(Tensor, Tensor), f64)> {
         let unet = self.train.params().trainable().into_iter().zip(&self.moments).map(|(t, m)| (t, m, self.config.lr));
@@ -316,7 +318,11 @@ impl Trainer {
             let lr = self.config.te_lr.unwrap_or(self.config.lr);
             te.params().trainable().into_iter().zip(&te.moments).map(move |(t, m)| (t, m, lr))
         });
-        unet.chain(te).collect()
+        let trigger = self.te.iter().filter_map(|te| te.trigger.as_ref()).map(|t| {
+            let lr = self.config.trigger_lr.unwrap_or(self.config.lr);
+            (Trainable { name: t.state_name(), param: &t.table, grad: &t.grad }, &t.moments, lr)
+        });
+        unet.chain(te).chain(trigger).collect()
     }
 
     pub fn dataset(&self) -> &Dataset {
@@ -366,7 +372,7 @@ impl Trainer {
         let per = self.embed_shape[0] * self.embed_shape[1];
         self.train.params().zero_grads(gpu);
         if let Some(te) = &self.te {
-            te.params().zero_grads(gpu);
+            te.zero_grads(gpu);
         }
         let mut loss = 0.0;
         for k in 0..self.config.grad_accum {
@@ -382,9 +388,12 @@ impl Trainer {
             }
             let ts: Vec<f32> = samples.iter().map(|s| s.timestep as f32).collect();
             let sample = Tensor::from_f32(gpu, &[b, c, h, w], &x)?;
+            let rows = match &self.te {
+                Some(te) => samples.iter().map(|s| te.ids(s.stream, s.image)).collect::<Result<Vec<_>>>()?,
+                None => vec![],
+            };
             let (context, te_tape) = match &self.te {
                 Some(te) => {
-                    let rows = samples.iter().map(|s| te.ids(s.stream, s.image)).collect::<Result<Vec<_>>>()?;
                     let (context, tape) = te.encode(gpu, &rows, opts)?;
                     (context, Some(tape))
                 }
@@ -408,7 +417,7 @@ impl Trainer {
                 (Some(te), Some(te_tape)) => {
                     let d_context = self.train.backward_with_context_grad(gpu, tape, &g)?;
                     drop(g);
-                    te.train.backward(gpu, te_tape, &d_context)?;
+                    te.backward(gpu, te_tape, &rows, &d_context).await?;
                 }
                 _ => self.train.backward(gpu, tape, &g)?,
             }

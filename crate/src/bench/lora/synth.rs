@@ -111,6 +111,7 @@ pub fn lora_file(name: &str, layers: &[TargetLayer], r: usize, alpha: f32, seed:
         bytes: 0,
         dtypes: vec!["F32".into()],
         warnings: vec![],
+        embeddings: vec![],
     })
 }
 

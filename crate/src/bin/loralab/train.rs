@@ -29,6 +29,10 @@ pub const USAGE: &str = "  loralab train --model PATH --images DIR --trigger WOR
       --lr F                            learning rate (default 1e-4)
       --te-lr F                         also train the text encoder's LoRA at this rate
                                         (default: the UNet only)
+      --trigger-lr F                    also learn the trigger word's own embedding at this
+                                        rate (pivotal tuning): bundled in the LoRA file
+                                        (A1111 `bundle_emb`) and written as TRIGGER.safetensors
+                                        beside it (a textual-inversion file)
       --steps N                         optimizer steps (default 1000)
       --batch N --grad-accum N          images per micro-batch, micro-batches per step (1, 1)
       --schedule NAME                   constant|constant_with_warmup|linear|cosine|
@@ -83,8 +87,8 @@ fn real(name: &str, v: &str, min: f64) -> Result<f64, String> {
 }
 
 /// Options that take a value.
-const KNOWN: [&str; 39] = [
-    "--te-lr", "--model", "--config", "--images", "--reg-images", "--trigger", "--class", "--out", "--resume", "--prior-weight",
+const KNOWN: [&str; 40] = [
+    "--te-lr", "--trigger-lr", "--model", "--config", "--images", "--reg-images", "--trigger", "--class", "--out", "--resume", "--prior-weight",
     "--rank", "--alpha", "--conv-rank", "--conv-alpha", "--targets", "--lr", "--steps", "--batch", "--grad-accum",
     "--schedule", "--warmup", "--cycles", "--max-grad-norm", "--weight-decay", "--clip-skip", "--seed", "--resolution",
     "--repeats", "--weights", "--save-every", "--sample-every", "--sample-prompt", "--sample-steps", "--sample-cfg",
@@ -92,8 +96,9 @@ const KNOWN: [&str; 39] = [
 ];
 
 /// The option of each [`TrainConfig`] field, for its validation messages.
-const FLAGS: [(&str, &str); 18] = [
+const FLAGS: [(&str, &str); 19] = [
     ("te_lr", "--te-lr"),
+    ("trigger_lr", "--trigger-lr"),
     ("targets", "--targets"),
     ("rank", "--rank"),
     ("alpha", "--alpha"),
@@ -221,6 +226,7 @@ fn parse_args(args: &[String]) -> Result<Args, String> {
             }
             "--lr" => t.lr = real(name, &v, 0.0)?,
             "--te-lr" => t.te_lr = Some(real(name, &v, 0.0)?),
+            "--trigger-lr" => t.trigger_lr = Some(real(name, &v, 0.0)?),
             "--steps" => t.steps = positive(name, &v)?,
             "--batch" => t.batch = positive(name, &v)? as usize,
             "--grad-accum" => t.grad_accum = positive(name, &v)? as usize,
@@ -270,6 +276,14 @@ fn parse_args(args: &[String]) -> Result<Args, String> {
         return Err(usage_err(format!("`--out {}`: expected a file name ending in .safetensors", a.out.display())));
     }
     a.train.validate().map_err(|e| usage_err(with_flags(&e.to_string())))?;
+    let out_stem = a.out.file_stem().map(|s| s.to_string_lossy().to_lowercase());
+    if a.train.trigger_lr.is_some() && out_stem.as_deref() == Some(a.trigger.trim().to_lowercase().as_str()) {
+        return Err(usage_err(format!(
+            "`--out {}`: with --trigger-lr the learned embedding is written as {}.safetensors; give the LoRA another name",
+            a.out.display(),
+            a.trigger.trim()
+        )));
+    }
     Ok(a)
 }
 
@@ -523,6 +537,12 @@ pub fn run(args: &[String]) -> Result<ExitCode, String> {
     }
     let lora = pollster::block_on(trainer.export(&gpu, &record(&trainer), a.export_dtype)).map_err(|e| e.to_string())?;
     write_file("--out", &a.out, &lora)?;
+    if let Some(emb) = pollster::block_on(trainer.trigger_embedding(&gpu)).map_err(|e| e.to_string())? {
+        let path = a.out.with_file_name(format!("{}.safetensors", emb.name));
+        let bytes = loralab::train::export::export_embedding(&emb, a.export_dtype).map_err(|e| e.to_string())?;
+        write_file("--trigger-lr", &path, &bytes)?;
+        eprintln!("wrote {} (the trigger word `{}`, {} vectors, also bundled in the LoRA)", path.display(), emb.name, emb.shape[0]);
+    }
     eprintln!(
         "wrote {} ({:.1} MB, {} steps) in {}",
         a.out.display(),

@@ -12,7 +12,8 @@
 //!
 //! then `final_layer_norm` (when the pipeline applies it). The backward goes from the gradient
 //! at the prompt embedding (the UNet's [`super::TrainUNet::backward_with_context_grad`]) back
-//! to the first layer, adding each adapter's gradients; nothing flows into the embeddings.
+//! to the first layer, adding each adapter's gradients, and on request to the embeddings (for
+//! a trained trigger-word embedding).
 //! With [`TrainOptions::checkpointing`] each layer keeps only its input and runs its forward
 //! again before its backward.
 
@@ -167,8 +168,10 @@ impl TrainClip {
     }
 
     /// The backward from the gradient at the prompt embedding to every adapter (added to the
-    /// adapters' gradient buffers).
-    pub fn backward(&self, gpu: &Gpu, tape: ClipTape, d_out: &Tensor) -> Result<()> {
+    /// adapters' gradient buffers). With `embedding_grad` it also returns the gradient at the
+    /// embeddings `[B, S, D]` (the input of [`Self::forward`]), from which the rows of trained
+    /// token embeddings take theirs.
+    pub fn backward(&self, gpu: &Gpu, tape: ClipTape, d_out: &Tensor, embedding_grad: bool) -> Result<Option<Tensor>> {
         if d_out.shape() != tape.out_shape {
             return Err(shape_err(
                 "TrainClip::backward",
@@ -182,11 +185,35 @@ impl TrainClip {
         };
         for (i, (layer, k)) in self.layers.iter().zip(tape.layers).enumerate().rev() {
             let saved = k.restore(|x| layer.forward(gpu, p, self.act, x))?;
-            match layer.backward(gpu, p, self.act, saved, &g, i > 0)? {
+            match layer.backward(gpu, p, self.act, saved, &g, i > 0 || embedding_grad)? {
                 Some(dx) => g = dx,
-                None => break,
+                None => return Ok(None),
             }
         }
-        Ok(())
+        Ok(embedding_grad.then_some(g))
     }
 }
+
+/// The gradients of added token rows from the gradient at the embeddings: `d_embeddings` is
+/// `[B, S, dim]` for the token id rows `ids` (B rows of S); the result is `[1 + n, dim]` in
+/// [`ClipTextModel::embeddings_with_added`]'s table layout, row `1 + k` the sum of
+/// `d_embeddings` over the positions holding id `first + k` (k < n), row 0 zero.
+pub fn token_row_grads(ids: &[&[u32]], d_embeddings: &[f32], first: u32, n: usize, dim: usize) -> Result<Vec<f32>> {
+    let positions: usize = ids.iter().map(|r| r.len()).sum();
+    if d_embeddings.len() != positions * dim {
+        return Err(shape_err(
+            "token_row_grads",
+            format!("{} gradient values for {positions} positions of {dim}", d_embeddings.len()),
+        ));
+    }
+    let mut grad = vec![0.0f32; (n + 1) * dim];
+    for (p, &id) in ids.iter().flat_map(|r| r.iter()).enumerate() {
+        let k = id.wrapping_sub(first) as usize;
+        if k < n {
+            let src = &d_embeddings[p * dim..(p + 1) * dim];
+            grad[(k + 1) * dim..(k + 2) * dim].iter_mut().zip(src).for_each(|(a, b)| *a += b);
+        }
+    }
+    Ok(grad)
+}
+

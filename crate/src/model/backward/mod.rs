@@ -44,6 +44,6 @@ mod resnet;
 mod transformer;
 pub mod unet;
 
-pub use clip::{ClipTape, TrainClip};
+pub use clip::{token_row_grads, ClipTape, TrainClip};
 pub use params::{LoraConfig, LoraKind, LoraLayer, LoraParams, Targets, Trainable};
 pub use unet::{mse_loss_grad, Tape, TrainOptions, TrainUNet};

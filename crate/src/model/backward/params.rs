@@ -241,6 +241,12 @@ impl LoraParams {
         Self::create(gpu, found, &config, Target::TextEncoder, Rng::new(config.seed ^ 0x7465_7874_656e_636f))
     }
 
+    /// No adapters: a structure that trains nothing of the model's own layers, for a
+    /// backward that only carries gradients through (e.g. to a learned token embedding).
+    pub fn none(config: &LoraConfig) -> Self {
+        Self { layers: Vec::new(), config: config.clone() }
+    }
+
     fn create(
         gpu: &Gpu,
         found: Vec<(String, LoraKind, Vec<usize>)>,
@@ -388,6 +394,7 @@ impl LoraParams {
             bytes,
             dtypes: vec!["F32".into()],
             warnings: vec![],
+            embeddings: vec![],
         })
     }
 }

@@ -166,8 +166,74 @@ pub fn kohya_name(target: Target, module: &str) -> Result<String> {
 /// One tensor of the file: (name, shape, values).
 type Planned<'a> = (String, Vec<usize>, &'a [f32]);
 
+/// A learned token embedding written into a LoRA file (A1111's bundled embeddings).
+#[derive(Clone, Debug, PartialEq)]
+pub struct BundledEmbedding {
+    /// The trigger word that calls it.
+    pub name: String,
+    /// `[vectors, dim]`.
+    pub shape: [usize; 2],
+    pub values: Vec<f32>,
+}
+
+impl BundledEmbedding {
+    /// Its key in a LoRA file, `bundle_emb.<name>.string_to_param.*`: the layout A1111's
+    /// `Lora` extension reads (kohya sd-scripts skips it; diffusers' `load_lora_weights`
+    /// refuses unknown keys, so there the file's other keys are loaded and the embedding is
+    /// given to `load_textual_inversion`, see [`export_embedding`]).
+    pub fn key(&self) -> String {
+        format!("bundle_emb.{}.string_to_param.*", self.name)
+    }
+
+    fn check(&self) -> Result<()> {
+        let bad_name = self.name.is_empty() || self.name.contains('.') || self.name.chars().any(char::is_whitespace);
+        if bad_name {
+            return Err(Error::Invalid(format!(
+                "embedding name `{}`: it must be one word without dots to be stored in a LoRA file",
+                self.name
+            )));
+        }
+        if self.shape[0] == 0 || self.shape[1] == 0 || self.values.len() != self.shape[0] * self.shape[1] {
+            return Err(Error::Invalid(format!(
+                "embedding `{}`: {} values do not make {:?}",
+                self.name,
+                self.values.len(),
+                self.shape
+            )));
+        }
+        if let Some(v) = self.values.iter().find(|v| !v.is_finite()) {
+            return Err(Error::Invalid(format!("embedding `{}` holds {v}", self.name)));
+        }
+        Ok(())
+    }
+}
+
+/// An A1111 textual-inversion file (`emb_params` `[vectors, dim]`) of `emb`: the trigger word
+/// is the file's stem (`sks.safetensors`), as A1111 and ComfyUI name embeddings; diffusers
+/// loads it with `load_textual_inversion(path, token="sks")`.
+pub fn export_embedding(emb: &BundledEmbedding, dtype: ExportDtype) -> Result<Vec<u8>> {
+    emb.check()?;
+    let mut data = Vec::with_capacity(emb.values.len() * 4);
+    emb.values.iter().for_each(|v| dtype.push(&mut data, *v));
+    let entries = vec![WriteEntry::new("emb_params".to_string(), dtype.dtype(), &emb.shape)];
+    let meta = BTreeMap::from([("name".to_string(), emb.name.clone())]);
+    let mut w = SafetensorsWriter::new(Vec::with_capacity(data.len() + 256), "(embedding export)", entries, &meta)?;
+    w.write_raw("emb_params", &data)?;
+    w.finish()
+}
+
 /// Writes `layers` as a kohya LoRA file with `record`'s metadata; returns the file's bytes.
 pub fn export_kohya(layers: &[TrainedLayer], record: &TrainingRecord, dtype: ExportDtype) -> Result<Vec<u8>> {
+    export_kohya_with(layers, &[], record, dtype)
+}
+
+/// [`export_kohya`] with learned token embeddings bundled in ([`BundledEmbedding::key`]).
+pub fn export_kohya_with(
+    layers: &[TrainedLayer],
+    embeddings: &[BundledEmbedding],
+    record: &TrainingRecord,
+    dtype: ExportDtype,
+) -> Result<Vec<u8>> {
     if layers.is_empty() {
         return Err(Error::Invalid("no trained layers to export".into()));
     }
@@ -184,6 +250,13 @@ pub fn export_kohya(layers: &[TrainedLayer], record: &TrainingRecord, dtype: Exp
         planned.push((format!("{name}.alpha"), vec![], alpha));
         planned.push((format!("{name}.lora_down.weight"), down_shape, &layer.down.data));
         planned.push((format!("{name}.lora_up.weight"), up_shape, &layer.up.data));
+    }
+    for e in embeddings {
+        e.check()?;
+        if !seen.insert(e.key()) {
+            return Err(Error::Invalid(format!("embedding `{}` is given twice", e.name)));
+        }
+        planned.push((e.key(), e.shape.to_vec(), &e.values));
     }
     planned.sort_by(|a, b| a.0.cmp(&b.0));
     let mut data = Vec::new();

@@ -32,6 +32,13 @@ pub struct TrainConfig {
     /// encoder is not trained and the prompt embeddings are cached.
     #[serde(default)]
     pub te_lr: Option<f64>,
+    /// Learning rate of the trigger word's own token embedding (pivotal tuning, as diffusers'
+    /// advanced DreamBooth LoRA script and A1111's bundled embeddings): the trigger becomes a
+    /// new token whose vectors start from the word's current embedding and are trained beside
+    /// the adapters (same schedule, their own AdamW group); the export bundles them
+    /// (`bundle_emb.<trigger>.string_to_param.*`). `None`: the word keeps its embedding.
+    #[serde(default)]
+    pub trigger_lr: Option<f64>,
     /// One of [`SCHEDULES`].
     pub schedule: String,
     pub warmup_steps: u64,
@@ -71,6 +78,7 @@ impl Default for TrainConfig {
             conv_alpha: 4.0,
             lr: 1e-4,
             te_lr: None,
+            trigger_lr: None,
             schedule: "constant".into(),
             warmup_steps: 0,
             cycles: 1,
@@ -120,6 +128,11 @@ impl TrainConfig {
                 return Err(invalid("te_lr", format!("{lr} must be a number in (0, 1] (5e-5 is typical)")));
             }
         }
+        if let Some(lr) = self.trigger_lr {
+            if !lr.is_finite() || lr <= 0.0 || lr > 1.0 {
+                return Err(invalid("trigger_lr", format!("{lr} must be a number in (0, 1] (1e-3 is typical)")));
+            }
+        }
         for (what, v) in [("beta1", self.beta1), ("beta2", self.beta2)] {
             if !(0.0..1.0).contains(&v) {
                 return Err(invalid(what, format!("{v} must be in [0, 1)")));
@@ -128,7 +141,7 @@ impl TrainConfig {
         if !self.eps.is_finite() || self.eps <= 0.0 {
             return Err(invalid("eps", format!("{} must be > 0", self.eps)));
         }
-        let max_lr = self.lr.max(self.te_lr.unwrap_or(0.0));
+        let max_lr = self.lr.max(self.te_lr.unwrap_or(0.0)).max(self.trigger_lr.unwrap_or(0.0));
         if !self.weight_decay.is_finite() || self.weight_decay < 0.0 || max_lr * self.weight_decay >= 1.0 {
             return Err(invalid("weight_decay", format!("{} must be >= 0 with lr × weight_decay < 1", self.weight_decay)));
         }

@@ -23,7 +23,7 @@ use crate::lora::{HostTensor, LayerShape};
 use crate::model::backward::{LoraKind, Targets};
 use crate::sampler::PredictionType;
 use crate::train::data::{Augment, Dataset};
-use crate::train::export::{export_kohya, py_f64, ExportDtype, TrainedLayer, TrainingRecord};
+use crate::train::export::{export_kohya_with, py_f64, BundledEmbedding, ExportDtype, TrainedLayer, TrainingRecord};
 use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
 use std::collections::BTreeMap;
@@ -226,6 +226,15 @@ impl Trainer {
     /// The adapters as a kohya LoRA file with `record`'s metadata (see
     /// [`Self::training_record`]).
     pub async fn export(&self, gpu: &Gpu, record: &TrainingRecord, dtype: ExportDtype) -> Result<Vec<u8>> {
-        export_kohya(&self.trained_layers(gpu).await?, record, dtype)
+        let emb: Vec<BundledEmbedding> = self.trigger_embedding(gpu).await?.into_iter().collect();
+        export_kohya_with(&self.trained_layers(gpu).await?, &emb, record, dtype)
+    }
+
+    /// The learned trigger token ([`TrainConfig::trigger_lr`]), `None` when the run does not
+    /// train it. [`crate::train::export::export_embedding`] writes it as a file of its own.
+    pub async fn trigger_embedding(&self, gpu: &Gpu) -> Result<Option<BundledEmbedding>> {
+        let Some(t) = self.te.as_ref().and_then(|te| te.trigger.as_ref()) else { return Ok(None) };
+        let (shape, values) = t.vectors(gpu).await?;
+        Ok(Some(BundledEmbedding { name: t.word.clone(), shape: [shape[0], shape[1]], values }))
     }
 }
