@@ -402,3 +402,60 @@ fn ti_fixture_cases_match_diffusers() {
         assert_nmse(&format!("{name} prompt_embeds"), &got, &want, 1e-10);
     }
 }
+
+/// An adapter file with an embedding bundled in (A1111's `bundle_emb.<token>.string_to_param.*`,
+/// as `loralab train --trigger-lr` writes): reading it finds the embedding; installing it on a
+/// pipeline adds the token, and prompts with it encode as with the same vectors loaded as an
+/// embedding of their own; clearing the adapters removes it; a token already taken is skipped
+/// with a warning, leaving the loaded one.
+#[test]
+fn ti_bundled_in_an_adapter_loads_with_it() {
+    use loralab::model::checkpoint::open_path;
+    use loralab::pipeline::{StableDiffusionPipeline, WeightPlan};
+    use std::sync::Arc;
+    let g = gpu();
+    let base = SafetensorsFile::open_path(fixtures().join("lora/kohya.safetensors")).expect("kohya fixture");
+    let dim = config().hidden_size;
+    let mut named: Vec<(String, Vec<usize>, Vec<f32>)> =
+        base.tensors().iter().map(|t| (t.name.clone(), t.shape.clone(), base.read_f32(&t.name).expect("read"))).collect();
+    let vectors = loralab::rng::Rng::new(8).uniform_vec(2 * dim, -0.5, 0.5);
+    named.push(("bundle_emb.lxtok.string_to_param.*".into(), vec![2, dim], vectors.clone()));
+    let refs: Vec<(&str, Dtype, &[usize], &[f32])> = named.iter().map(|(n, s, v)| (n.as_str(), Dtype::F32, s.as_slice(), v.as_slice())).collect();
+    let bytes = loralab::io::safetensors_write::to_bytes(&refs, &Default::default()).expect("write");
+    let lora = loralab::lora::read_lora(&SafetensorsFile::open(&bytes[..], "bundled.safetensors").expect("file")).expect("adapter");
+    assert_eq!(lora.embeddings.len(), 1);
+    assert_eq!((lora.embeddings[0].token.as_str(), lora.embeddings[0].n_vectors(), &lora.embeddings[0].vectors), ("lxtok", 2, &vectors));
+    assert!(lora.unrecognised.is_empty(), "{:?}", lora.unrecognised);
+    let lora = Arc::new(lora);
+
+    let load = || {
+        let ck = open_path(fixtures().join("models").join(MODEL), None).expect("model");
+        StableDiffusionPipeline::load(g, ck, WeightPlan::new(DType::F32)).expect("pipeline")
+    };
+    let prompt = ["a lxtok on a hill"];
+    let mut pipe = load();
+    let before = block(pipe.encode_prompts(g, &prompt, 0)).expect("encode");
+    // Strength 0: the adapter's layers change nothing; the embedding is not scaled.
+    let report = block(pipe.set_adapters(g, vec![lora.clone()], vec![(0.0, 0.0)])).expect("install");
+    assert!(report.warnings.is_empty(), "{:?}", report.warnings);
+    assert_eq!(pipe.embeddings(), vec![("lxtok".to_string(), 2)]);
+    let with = block(pipe.encode_prompts(g, &prompt, 0)).expect("encode");
+    let mut alone = load();
+    alone.add_embedding(g, &lora.embeddings[0]).expect("embedding alone");
+    assert_eq!(with, block(alone.encode_prompts(g, &prompt, 0)).expect("encode"), "bundled vs loaded alone");
+    assert_ne!(with, before);
+    // Installing it again (a strength change through set_adapters) keeps one copy.
+    block(pipe.set_adapters(g, vec![lora.clone()], vec![(1.0, 1.0)])).expect("again");
+    assert_eq!(pipe.embeddings(), vec![("lxtok".to_string(), 2)]);
+    pipe.clear_adapters(g).expect("clear");
+    assert!(pipe.embeddings().is_empty());
+    assert_eq!(block(pipe.encode_prompts(g, &prompt, 0)).expect("encode"), before);
+    // A token already taken by an embedding of its own.
+    let own = TextualInversion { token: "lxtok".into(), file: "lxtok.safetensors".into(), tensor: "emb_params".into(), layout: EmbeddingLayout::A1111, dim, vectors: vec![0.25; dim] };
+    pipe.add_embedding(g, &own).expect("own embedding");
+    let report = block(pipe.set_adapters(g, vec![lora.clone()], vec![(1.0, 1.0)])).expect("install");
+    assert!(report.warnings.iter().any(|w| w.contains("bundled.safetensors") && w.contains("lxtok")), "{:?}", report.warnings);
+    assert_eq!(pipe.embeddings(), vec![("lxtok".to_string(), 1)], "the loaded embedding stays");
+    pipe.clear_adapters(g).expect("clear");
+    assert_eq!(pipe.embeddings(), vec![("lxtok".to_string(), 1)], "clearing adapters keeps embeddings loaded on their own");
+}
