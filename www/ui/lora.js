@@ -128,6 +128,7 @@ export function normaliseCard(c) {
     licence: c.licence ?? s.licence ?? null,
     trained_on: [meta.sd_model_name, meta.base_model_version].filter(Boolean),
     triggers: c.triggers ?? meta.trigger_words ?? [],
+    embeddings: c.embeddings ?? s.embeddings ?? [],
     metadata: meta,
     layers: { text_encoder: count("text_encoder"), unet: count("unet") },
     warnings: [...(c.warnings ?? s.warnings ?? []), ...(Array.isArray(meta.problems) ? meta.problems : [])],
@@ -211,7 +212,8 @@ function fillCard(app, card, value, key) {
   });
 
   const layers = info.layers ?? {};
-  const triggers = (info.triggers ?? []).filter(Boolean);
+  const embeddings = info.embeddings ?? [];
+  const triggers = [...new Set([...embeddings.map((e) => e.token), ...(info.triggers ?? [])].filter(Boolean))];
   card.replaceChildren(...[
     el("div", { class: "card-head" },
       el("h3", { id: titleId }, a.name),
@@ -225,6 +227,11 @@ function fillCard(app, card, value, key) {
       el("dt", {}, "Layers"), el("dd", {}, `text encoder ${show(layers.text_encoder ?? 0)} · UNet ${show(layers.unet ?? 0)}`),
       el("dt", {}, "Base model"), el("dd", { class: "base" }, show(info.base), info.base_reason ? el("span", { class: "muted" }, ` (${info.base_reason})`) : null),
       info.trained_on.length ? [el("dt", {}, "Trained on"), el("dd", { class: "trained-on" }, info.trained_on.join(" · "))] : null,
+      embeddings.length
+        ? [el("dt", {}, "Embeddings"), el("dd", { class: "embeddings" },
+          embeddings.map((e) => `${e.token} (${e.vectors} ${e.vectors === 1 ? "vector" : "vectors"})`).join(" · "),
+          el("span", { class: "muted" }, " bundled: the word works in prompts while the adapter is loaded"))]
+        : null,
       el("dt", {}, "Licence"), licenceCell(info.licence)),
     info.base_mismatch
       ? el("p", { class: "warning", role: "note" }, info.base_message
