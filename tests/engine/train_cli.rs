@@ -112,6 +112,19 @@ fn train_loop_cli_writes_a_kohya_lora() {
     bad(&[&common[..2], &["--images", &missing], &common[4..]].concat(), 1, &["--images", &missing, "no such folder"]);
     bad(&[&common[..], &["--resume", &outs]].concat(), 1, &["--resume", &outs, "not a training checkpoint"]);
     bad(&[&common[..], &settings, &more, &["--lr", "5e-4", "--resume", &state]].concat(), 1, &["--resume", "lr: 0.0005 vs 0.001"]);
+    // Learning the trigger word: its embedding is bundled in the LoRA and written beside it.
+    let trig = dir.join("trig.safetensors").display().to_string();
+    let o = loralab(&[&common[..8], &["--out", &trig], &settings[..6], &["--steps", "2", "--trigger-lr", "1e-2"]].concat());
+    assert!(o.status.success(), "{}", stderr(&o));
+    assert!(stderr(&o).contains("sks.safetensors") && stderr(&o).contains("bundled"), "{}", stderr(&o));
+    let lora = SafetensorsFile::open_path(&trig).expect("open");
+    let bundled = lora.get("bundle_emb.sks.string_to_param.*").expect("bundled embedding").shape.clone();
+    let alone = SafetensorsFile::open_path(dir.join("sks.safetensors")).expect("the embedding file");
+    assert_eq!(alone.get("emb_params").expect("emb_params").shape, bundled);
+    assert_eq!(alone.read_f32("emb_params").unwrap(), lora.read_f32("bundle_emb.sks.string_to_param.*").unwrap());
+    let clash = dir.join("sks.safetensors").display().to_string();
+    bad(&[&common[..8], &["--out", &clash, "--trigger-lr", "1e-2"]].concat(), 1, &["with --trigger-lr", "another name"]);
+    bad(&[&common[..], &["--trigger-lr", "2"]].concat(), 1, &["--trigger-lr", "(0, 1]"]);
     std::fs::write(images.join("broken.png"), b"not a png").expect("write");
     bad(&common, 1, &["broken.png", "PNG"]);
     let _ = std::fs::remove_dir_all(&dir);
