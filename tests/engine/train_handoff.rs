@@ -186,6 +186,10 @@ fn train_handoff_zip_layout_and_contents() {
     }
     assert!(config.contains(MODEL_PLACEHOLDER), "{config}");
     assert!(!config.contains("network_train_unet_only"));
+    assert!(!config.contains("pivotal"));
+    // A learned trigger word has no sd-scripts equivalent: the configuration says so.
+    let c = kohya_config(&TrainingRecord { trigger_lr: Some(0.02), ..record() }, ExportDtype::F16, true);
+    assert!(c.lines().any(|l| l.starts_with('#') && l.contains("pivotal tuning, learning rate 0.02") && l.contains("ordinary word")), "{c}");
 }
 
 #[test]

@@ -325,6 +325,7 @@ fn train_loop_learns_the_trigger_embedding_and_resumes_exactly() {
     let want = export(&straight);
     drop(straight);
     let file = SafetensorsFile::open(&want[..], "trig.safetensors").expect("export");
+    assert_eq!(file.metadata().get("loralab_trigger_lr").map(String::as_str), Some("0.005"));
     let e = file.get("bundle_emb.sks.string_to_param.*").expect("bundled embedding");
     assert_eq!(e.shape, vec![1, start.values.len()]);
     let lora = loralab::lora::read_lora(&file).unwrap_or_else(|e| panic!("{e}"));

@@ -170,6 +170,13 @@ pub fn kohya_config(record: &TrainingRecord, save_precision: ExportDtype, has_re
          #    accelerate launch <sd-scripts>/train_network.py --config_file config.toml\n",
         record.output_name.replace(['\n', '\r'], " ")
     );
+    if let Some(lr) = record.trigger_lr {
+        out.push_str(&format!(
+            "# loralab also learned the trigger word's embedding (pivotal tuning, learning rate {}); \
+             train_network.py has no such option, so there the trigger stays an ordinary word.\n",
+            py_f64(lr)
+        ));
+    }
     for (name, keys) in sections {
         out.push_str(&format!("\n[{name}]\n"));
         for (k, v) in keys {

@@ -50,6 +50,9 @@ pub struct TrainingRecord {
     pub text_encoder_lr: Option<f64>,
     /// Whether the text encoder was trained (its layers are in the file).
     pub train_text_encoder: bool,
+    /// The learning rate of the trigger word's learned embedding (bundled in the file), as
+    /// `loralab_trigger_lr`; `None` when the word was not learned.
+    pub trigger_lr: Option<f64>,
     /// `ss_lr_scheduler` (diffusers' names: `constant`, `constant_with_warmup`, `linear`,
     /// `cosine`, `cosine_with_restarts`, `polynomial`).
     pub lr_scheduler: String,
@@ -126,6 +129,7 @@ impl Default for TrainingRecord {
             learning_rate: 1e-4,
             unet_lr: None,
             text_encoder_lr: None,
+            trigger_lr: None,
             train_text_encoder: false,
             lr_scheduler: "constant".into(),
             lr_warmup_steps: 0,
@@ -232,6 +236,9 @@ impl TrainingRecord {
         put("ss_learning_rate", py_f64(self.learning_rate));
         put("ss_text_encoder_lr", py_opt(self.text_encoder_lr, py_f64));
         put("ss_unet_lr", py_opt(self.unet_lr, py_f64));
+        if let Some(lr) = self.trigger_lr {
+            put("loralab_trigger_lr", py_f64(lr));
+        }
         put("ss_num_train_images", self.num_train_images.to_string());
         put("ss_num_reg_images", self.num_reg_images.to_string());
         put("ss_num_batches_per_epoch", batches_per_epoch.to_string());

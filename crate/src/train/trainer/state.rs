@@ -189,6 +189,7 @@ impl Trainer {
             unet_lr: Some(c.lr),
             text_encoder_lr: c.te_lr,
             train_text_encoder: c.te_lr.is_some(),
+            trigger_lr: c.trigger_lr,
             lr_scheduler: c.schedule.clone(),
             lr_warmup_steps: c.warmup_steps.min(u32::MAX as u64) as u32,
             max_train_steps: c.steps.min(u32::MAX as u64) as u32,
