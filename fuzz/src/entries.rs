@@ -19,9 +19,11 @@ use loralab::Error;
 use std::collections::BTreeMap;
 use std::sync::OnceLock;
 
-/// The most pixels a fuzzed training image may have (the engine's own cap is 50 megapixels; a
-/// lower one keeps each execution fast while exercising the same refusal).
-pub const FUZZ_MAX_PIXELS: u64 = 1 << 20;
+/// The most pixels a fuzzed training image may have (the engine's own cap is 50 megapixels).
+/// Decoding and resizing cost grows with the pixel count while the code they run does not
+/// change with it (the same refusal from the header above the cap; below it the same decoder
+/// and Lanczos passes, downscaling or upscaling), so a small cap keeps each execution fast.
+pub const FUZZ_MAX_PIXELS: u64 = 1 << 16;
 
 /// Separator of the parts of a multi-file input (never valid inside UTF-8 text).
 const SEP: u8 = 0xff;
@@ -73,10 +75,11 @@ pub fn safetensors_header(data: &[u8]) {
 
 /// Builds a valid safetensors file whose tensors are named by the lines of `spec`
 /// (`name` or `name|d0,d1,…`; dimensions 1–8, at most 64 tensors), so that the fuzzer explores
-/// key names and shapes rather than the container.
+/// key names and shapes rather than the container. A name given twice keeps its last shape.
 pub fn synth_safetensors(spec: &[u8]) -> Vec<u8> {
     let spec = text(spec);
-    let mut header = serde_json::Map::new();
+    // name -> (shape, data offsets); sorted, so the header is written in one order.
+    let mut tensors: BTreeMap<&str, (Vec<u64>, u64, u64)> = BTreeMap::new();
     let mut data: Vec<u8> = Vec::new();
     for (i, line) in spec.lines().take(64).enumerate() {
         let (name, dims) = match line.split_once('|') {
@@ -93,21 +96,43 @@ pub fn synth_safetensors(spec: &[u8]) -> Vec<u8> {
         }
         let numel: u64 = shape.iter().product();
         let start = data.len() as u64;
+        data.reserve(numel as usize * 4);
         for k in 0..numel {
             let v = ((i as u64 * 31 + k) % 17) as f32 * 0.01 - 0.08;
             data.extend_from_slice(&v.to_le_bytes());
         }
-        header.insert(
-            name.to_string(),
-            serde_json::json!({"dtype": "F32", "shape": shape, "data_offsets": [start, data.len() as u64]}),
-        );
+        tensors.insert(name, (shape, start, data.len() as u64));
     }
-    if let Some(meta) = spec.lines().find_map(|l| l.strip_prefix("#meta ")) {
-        if let Some((k, v)) = meta.split_once('=') {
-            header.insert("__metadata__".into(), serde_json::json!({ k: v }));
+    let mut json = String::with_capacity(64 + spec.len() * 2);
+    let quoted = |out: &mut String, s: &str| {
+        out.push('"');
+        for c in s.chars() {
+            match c {
+                '"' => out.push_str("\\\""),
+                '\\' => out.push_str("\\\\"),
+                c if (c as u32) < 0x20 => out.push_str(&format!("\\u{:04x}", c as u32)),
+                c => out.push(c),
+            }
         }
+        out.push('"');
+    };
+    json.push('{');
+    if let Some((k, v)) = spec.lines().find_map(|l| l.strip_prefix("#meta ")).and_then(|m| m.split_once('=')) {
+        json.push_str("\"__metadata__\":{");
+        quoted(&mut json, k);
+        json.push(':');
+        quoted(&mut json, v);
+        json.push_str("},");
     }
-    let json = serde_json::Value::Object(header).to_string();
+    for (name, (shape, start, end)) in &tensors {
+        quoted(&mut json, name);
+        let dims: Vec<String> = shape.iter().map(u64::to_string).collect();
+        json.push_str(&format!(r#":{{"dtype":"F32","shape":[{}],"data_offsets":[{start},{end}]}},"#, dims.join(",")));
+    }
+    if json.ends_with(',') {
+        json.pop();
+    }
+    json.push('}');
     let mut out = Vec::with_capacity(8 + json.len() + data.len());
     out.extend_from_slice(&(json.len() as u64).to_le_bytes());
     out.extend_from_slice(json.as_bytes());
@@ -250,22 +275,27 @@ fn samplers(cfg: &SamplerConfig) {
 // ---------------------------------------------------------------------------------------------
 
 /// A small vocabulary (bytes, a few merges, the special tokens) for tokenizer modes that
-/// need a tokenizer of their own.
+/// need a tokenizer of their own: built once, a fresh copy per input (the vocabulary is fixed,
+/// what those modes fuzz is the configuration or the added tokens applied to it).
 fn tiny_tokenizer() -> ClipTokenizer {
-    let chars = loralab::model::tokenizer::bytes_to_unicode();
-    let mut vocab = serde_json::Map::new();
-    let mut id = 0u32;
-    for c in chars {
-        vocab.insert(c.to_string(), id.into());
-        vocab.insert(format!("{c}</w>"), (id + 256).into());
-        id += 1;
-    }
-    for (i, t) in ["th", "the</w>", "ca", "cat</w>", "<|startoftext|>", "<|endoftext|>"].iter().enumerate() {
-        vocab.insert(t.to_string(), (512 + i as u32).into());
-    }
-    let merges = "#version: 0.2\nt h\nth e</w>\nc a\nca t</w>\n";
-    ClipTokenizer::from_vocab_merges(&serde_json::Value::Object(vocab).to_string(), merges)
-        .expect("the built-in tiny vocabulary is valid")
+    static TOK: OnceLock<ClipTokenizer> = OnceLock::new();
+    TOK.get_or_init(|| {
+        let chars = loralab::model::tokenizer::bytes_to_unicode();
+        let mut vocab = serde_json::Map::new();
+        let mut id = 0u32;
+        for c in chars {
+            vocab.insert(c.to_string(), id.into());
+            vocab.insert(format!("{c}</w>"), (id + 256).into());
+            id += 1;
+        }
+        for (i, t) in ["th", "the</w>", "ca", "cat</w>", "<|startoftext|>", "<|endoftext|>"].iter().enumerate() {
+            vocab.insert(t.to_string(), (512 + i as u32).into());
+        }
+        let merges = "#version: 0.2\nt h\nth e</w>\nc a\nca t</w>\n";
+        ClipTokenizer::from_vocab_merges(&serde_json::Value::Object(vocab).to_string(), merges)
+            .expect("the built-in tiny vocabulary is valid")
+    })
+    .clone()
 }
 
 fn standard_tokenizer() -> &'static ClipTokenizer {

@@ -108,3 +108,17 @@ fn fuzz_entries_accept_valid_inputs() {
     let refused = loralab::train::data::decode_image_limited("x.png", &png, 3).expect_err("over the limit");
     assert!(refused.to_string().contains("2×2 pixels, more than the 3 pixels"), "{refused}");
 }
+
+/// Training images whose long side is more than 16 times their short side are refused from the
+/// header (resized to the training resolution they would take gigabytes); 16:1 is still read.
+#[test]
+fn elongated_training_images_are_refused() {
+    use loralab::train::data::decode_image;
+    let png = |w: usize, h: usize| loralab::io::png::encode_rgb8(w, h, &vec![7; w * h * 3], &[]).expect("png");
+    assert_eq!(decode_image("ok.png", &png(1, 16)).expect("16:1 decodes").rgb.dimensions(), (1, 16));
+    assert_eq!(decode_image("ok.png", &png(32, 2)).expect("16:1 decodes").rgb.dimensions(), (32, 2));
+    for (w, h) in [(1, 17), (40, 2), (1, 65536)] {
+        let e = decode_image("strip.png", &png(w, h)).expect_err("too elongated").to_string();
+        assert!(e.contains("strip.png") && e.contains(&format!("{w}×{h} pixels")) && e.contains("16 times"), "{e}");
+    }
+}

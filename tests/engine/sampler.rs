@@ -328,6 +328,7 @@ fn scheduler_config_parsing() {
         (r#"{"beta_start": "small"}"#, "beta_start"),
         (r#"{"clip_sample": "no"}"#, "clip_sample"),
         (r#"{"num_train_timesteps": 0}"#, "num_train_timesteps"),
+        (r#"{"num_train_timesteps": 4000000000}"#, "num_train_timesteps"),
         (r#"{"num_train_timesteps": 3, "trained_betas": [0.1, 0.2]}"#, "trained_betas"),
     ] {
         let e = SamplerConfig::from_json(text, "bad.json").unwrap_err().to_string();

@@ -176,6 +176,23 @@ fn tokenizer_truncates_keeping_the_end_token() {
 }
 
 #[test]
+fn tokenizer_clone_keeps_settings_and_added_tokens() {
+    let mut tok = standard().clone();
+    assert_eq!(tok.add_tokens(&["<cat-toy>"]).unwrap(), vec![49408]);
+    let tok = tok.with_config_json(r#"{"pad_token": "!", "model_max_length": 12}"#).unwrap();
+    let copy = tok.clone();
+    let text = "a photo of <cat-toy> on the beach";
+    assert!(copy.encode(text).contains(&49408));
+    assert_eq!(copy.encode_padded(text), tok.encode_padded(text));
+    assert_eq!(copy.added_tokens(), tok.added_tokens());
+    assert_eq!((copy.pad_id(), copy.max_length()), (0, 12));
+    // The original is unchanged by the copy's additions.
+    let mut more = copy.clone();
+    more.add_tokens(&["<dog-toy>"]).unwrap();
+    assert_eq!((tok.added_tokens().len(), more.added_tokens().len()), (1, 2));
+}
+
+#[test]
 fn tokenizer_pre_tokenization_and_letters() {
     assert_eq!(pre_tokenize("it's  (a:1.2) x²"), ["it", "'s", "(", "a", ":", "1", ".", "2", ")", "x", "²"]);
     assert_eq!(pre_tokenize("''s!'s"), ["''", "s", "!'", "s"]);

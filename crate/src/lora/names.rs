@@ -141,51 +141,51 @@ impl BaseModel {
     }
 }
 
-/// Names that contain `_` themselves, as sequences of `_`-separated words; longest first so
-/// that a greedy match picks `conv_norm_out` over shorter names.
-const COMPOUNDS: [&str; 42] = [
-    "final_layer_norm",
-    "conv_norm_out",
-    "time_emb_proj",
-    "down_blocks",
-    "up_blocks",
-    "mid_block",
-    "transformer_blocks",
-    "to_q",
-    "to_k",
-    "to_v",
-    "to_out",
-    "proj_in",
-    "proj_out",
-    "conv_shortcut",
-    "time_embedding",
-    "linear_1",
-    "linear_2",
-    "conv_in",
-    "conv_out",
-    "add_embedding",
-    "add_k_proj",
-    "add_v_proj",
-    "input_blocks",
-    "output_blocks",
-    "middle_block",
-    "in_layers",
-    "out_layers",
-    "emb_layers",
-    "skip_connection",
-    "time_embed",
-    "label_emb",
-    "text_model",
-    "self_attn",
-    "q_proj",
-    "k_proj",
-    "v_proj",
-    "out_proj",
-    "layer_norm1",
-    "layer_norm2",
-    "token_embedding",
-    "position_embedding",
-    "text_projection",
+/// Names that contain `_` themselves, as their `_`-separated words (the longest one that
+/// matches at a position is taken, so `conv_norm_out` wins over shorter names).
+const COMPOUNDS: [&[&str]; 42] = [
+    &["final", "layer", "norm"],
+    &["conv", "norm", "out"],
+    &["time", "emb", "proj"],
+    &["down", "blocks"],
+    &["up", "blocks"],
+    &["mid", "block"],
+    &["transformer", "blocks"],
+    &["to", "q"],
+    &["to", "k"],
+    &["to", "v"],
+    &["to", "out"],
+    &["proj", "in"],
+    &["proj", "out"],
+    &["conv", "shortcut"],
+    &["time", "embedding"],
+    &["linear", "1"],
+    &["linear", "2"],
+    &["conv", "in"],
+    &["conv", "out"],
+    &["add", "embedding"],
+    &["add", "k", "proj"],
+    &["add", "v", "proj"],
+    &["input", "blocks"],
+    &["output", "blocks"],
+    &["middle", "block"],
+    &["in", "layers"],
+    &["out", "layers"],
+    &["emb", "layers"],
+    &["skip", "connection"],
+    &["time", "embed"],
+    &["label", "emb"],
+    &["text", "model"],
+    &["self", "attn"],
+    &["q", "proj"],
+    &["k", "proj"],
+    &["v", "proj"],
+    &["out", "proj"],
+    &["layer", "norm1"],
+    &["layer", "norm2"],
+    &["token", "embedding"],
+    &["position", "embedding"],
+    &["text", "projection"],
 ];
 
 /// A kohya module name with `_` for every `.` back to its dotted path:
@@ -194,20 +194,22 @@ const COMPOUNDS: [&str; 42] = [
 /// contain `_` themselves (`to_q`, `proj_in`, `time_emb_proj`, `layer_norm1`, …) stay joined.
 pub fn kohya_to_dotted(name: &str) -> String {
     let words: Vec<&str> = name.split('_').collect();
-    let mut out: Vec<String> = Vec::new();
+    let mut out = String::with_capacity(name.len());
     let mut i = 0;
     while i < words.len() {
-        let mut best = 1;
-        for c in COMPOUNDS {
-            let n = c.split('_').count();
-            if n > best && i + n <= words.len() && c.split('_').zip(&words[i..i + n]).all(|(a, b)| a == *b) {
-                best = n;
-            }
+        let rest = &words[i..];
+        let n = COMPOUNDS.iter().filter(|c| rest.starts_with(c)).map(|c| c.len()).max().unwrap_or(1);
+        for (k, w) in rest[..n].iter().enumerate() {
+            out.push_str(match (i, k) {
+                (0, 0) => "",
+                (_, 0) => ".",
+                _ => "_",
+            });
+            out.push_str(w);
         }
-        out.push(words[i..i + best].join("_"));
-        i += best;
+        i += n;
     }
-    out.join(".")
+    out
 }
 
 /// Maps a dotted UNet path in CompVis names (`input_blocks.4.1.proj_in`) to the diffusers

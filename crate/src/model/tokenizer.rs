@@ -64,6 +64,23 @@ pub struct ClipTokenizer {
     added: AddedTokens,
 }
 
+/// A copy with the same vocabulary, merges, settings and added tokens, and an empty word cache.
+impl Clone for ClipTokenizer {
+    fn clone(&self) -> Self {
+        ClipTokenizer {
+            vocab: self.vocab.clone(),
+            merges: self.merges.clone(),
+            byte_ids: self.byte_ids,
+            start: self.start,
+            end: self.end,
+            pad: self.pad,
+            max_length: self.max_length,
+            cache: Mutex::new(HashMap::new()),
+            added: self.added.clone(),
+        }
+    }
+}
+
 impl ClipTokenizer {
     /// The standard CLIP tokenizer (SD1.x settings: pads with `<|endoftext|>`).
     pub fn standard() -> Result<Self> {
@@ -221,8 +238,10 @@ impl ClipTokenizer {
     /// added token once normalized.
     pub fn add_tokens(&mut self, tokens: &[&str]) -> Result<Vec<u32>> {
         let refuse = |message: String| Err(Error::Invalid(message));
-        for (i, &t) in tokens.iter().enumerate() {
-            if added::normalize(t).trim().is_empty() {
+        // Each token normalized once (comparing every pair would normalize each n times).
+        let patterns: Vec<String> = tokens.iter().map(|t| added::normalize(t)).collect();
+        for (i, (&t, pattern)) in tokens.iter().zip(&patterns).enumerate() {
+            if pattern.trim().is_empty() {
                 return refuse(format!("cannot add the token {t:?}: it has no visible characters"));
             }
             if self.vocab.contains_key(t) {
@@ -230,8 +249,8 @@ impl ClipTokenizer {
                     "cannot add the token `{t}`: it is already in the tokenizer's vocabulary; choose another trigger word"
                 ));
             }
-            let earlier = tokens[..i].iter().find(|&&e| added::normalize(e) == added::normalize(t));
-            if let Some(other) = self.added.clash(t).or(earlier.copied()) {
+            let earlier = tokens[..i].iter().zip(&patterns).find(|(_, p)| *p == pattern).map(|(&e, _)| e);
+            if let Some(other) = self.added.clash_normalized(t, pattern).or(earlier) {
                 return refuse(format!(
                     "cannot add the token `{t}`: the token `{other}` is already added and prompts cannot tell them apart; remove it first or choose another trigger word"
                 ));

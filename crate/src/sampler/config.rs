@@ -100,6 +100,10 @@ pub struct SamplerConfig {
 /// `num_train_timesteps` of every diffusers scheduler class when absent.
 const DEFAULT_TRAIN_TIMESTEPS: usize = 1000;
 
+/// The most training timesteps a config may declare. Stable Diffusion models use 1000; the
+/// samplers build tables of this length, so an absurd value would allocate gigabytes.
+pub const MAX_TRAIN_TIMESTEPS: usize = 100_000;
+
 fn field_err(file: &str, field: &str, message: impl std::fmt::Display) -> Error {
     Error::Format { file: file.to_string(), tensor: None, message: format!("field `{field}`: {message}") }
 }
@@ -308,6 +312,13 @@ impl SamplerConfig {
         let n = self.num_train_timesteps.unwrap_or(DEFAULT_TRAIN_TIMESTEPS);
         if n == 0 {
             return Err(field_err(file, "num_train_timesteps", "must be at least 1"));
+        }
+        if n > MAX_TRAIN_TIMESTEPS {
+            return Err(field_err(
+                file,
+                "num_train_timesteps",
+                format!("{n} is more than the {MAX_TRAIN_TIMESTEPS} supported (Stable Diffusion models use 1000)"),
+            ));
         }
         if let Some(b) = &self.trained_betas {
             if b.len() != n {

@@ -89,7 +89,11 @@ impl AddedTokens {
     /// Which added token `content` would clash with: the same text, or the same normalized
     /// text (the two could not be told apart in a prompt).
     pub fn clash(&self, content: &str) -> Option<&str> {
-        let pattern = normalize(content);
+        self.clash_normalized(content, &normalize(content))
+    }
+
+    /// [`AddedTokens::clash`] with `pattern` = `normalize(content)` already computed.
+    pub fn clash_normalized(&self, content: &str, pattern: &str) -> Option<&str> {
         self.tokens.iter().find(|t| t.content == content || t.pattern == pattern).map(|t| t.content.as_str())
     }
 

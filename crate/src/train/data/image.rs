@@ -15,6 +15,12 @@ use std::io::Cursor;
 /// takes 400 MB, a sizeable part of a browser tab's memory).
 pub const MAX_PIXELS: u64 = 50_000_000;
 
+/// The most times an image's long side may exceed its short side. Training resizes the short
+/// side to the resolution and keeps the aspect ratio, so a thin strip would become enormous
+/// (a 1×50,000 PNG at resolution 512: 512×25,600,000 pixels, 39 GB) while the square cut
+/// from it shows a sliver of the picture.
+pub const MAX_ASPECT: u32 = 16;
+
 /// A decoded image, upright.
 #[derive(Clone, Debug)]
 pub struct DecodedImage {
@@ -57,7 +63,8 @@ fn with_article(name: &str) -> String {
 }
 
 /// Decodes `bytes` (named `file` in errors) by their contents, whatever the extension says.
-/// Images over [`MAX_PIXELS`] are refused from their header, before any pixel is decoded.
+/// Images over [`MAX_PIXELS`] or more elongated than [`MAX_ASPECT`] are refused from their
+/// header, before any pixel is decoded.
 pub fn decode_image(file: &str, bytes: &[u8]) -> Result<DecodedImage> {
     decode_image_limited(file, bytes, MAX_PIXELS)
 }
@@ -119,6 +126,14 @@ pub fn decode_image_limited(file: &str, bytes: &[u8], max_pixels: u64) -> Result
             file,
             format!(
                 "is {w}×{h} pixels, more than {limit} an image may have here; scale it down (a few megapixels are plenty for training) and add it again"
+            ),
+        ));
+    }
+    if w.min(h) > 0 && w.max(h) as u64 > MAX_ASPECT as u64 * w.min(h) as u64 {
+        return Err(format_err(
+            file,
+            format!(
+                "is {w}×{h} pixels, its long side more than {MAX_ASPECT} times its short side; training cuts a square from it, which would show a sliver of the picture: crop it to the part you want and add that instead"
             ),
         ));
     }
