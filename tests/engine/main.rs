@@ -48,3 +48,4 @@ mod train_clip;
 mod bench_train;
 mod malformed;
 mod fuzz_replay;
+mod train_concept;
