@@ -314,6 +314,7 @@ const commands = {
       base_mismatch: card.base_mismatch,
       licence: s.licence,
       triggers: s.metadata.trigger_words ?? [],
+      embeddings: s.embeddings ?? [],
       metadata: s.metadata,
       layers: { text_encoder: targets.text_encoder ?? 0, unet: targets.unet ?? 0 },
       warnings: s.warnings,

@@ -169,6 +169,7 @@ test("train a LoRA on the heart dataset: consent, progress, samples, pause, relo
   await field("Rank").fill("4");
   await field("Alpha").fill("4");
   await field("Learning rate").fill("0.001");
+  await field("Trigger word learning rate").fill("0.01");
   await field("Training steps").fill(String(STEPS));
   await field("Batch size").fill("1");
   await panel().getByRole("combobox", { name: "Schedule" }).selectOption("constant");
@@ -248,7 +249,10 @@ test("train a LoRA on the heart dataset: consent, progress, samples, pause, relo
   const exported = await download(button("Export (kohya)"));
   assert.equal(exported.name, `${NAME}.safetensors`);
   const { tensors, metadata: m } = safetensorsHeader(exported.bytes);
-  const keys = Object.keys(tensors);
+  // The learned trigger word, bundled as A1111 does.
+  const emb = tensors["bundle_emb.sks.string_to_param.*"];
+  assert.ok(emb && emb.dtype === "F16" && emb.shape.join("x") === "1x32", JSON.stringify(emb));
+  const keys = Object.keys(tensors).filter((k) => !k.startsWith("bundle_emb."));
   assert.ok(keys.length > 0 && keys.every((k) => /^lora_unet_[a-z0-9_]+\.(lora_down\.weight|lora_up\.weight|alpha)$/.test(k)), keys.join(", "));
   const down = keys.filter((k) => k.endsWith(".lora_down.weight"));
   assert.ok(down.length > 0 && down.every((k) => keys.includes(k.replace("lora_down", "lora_up")) && keys.includes(k.replace(".lora_down.weight", ".alpha"))));
@@ -288,6 +292,7 @@ test("train a LoRA on the heart dataset: consent, progress, samples, pause, relo
   await waitAttr(page, `#lora-cards > li[data-file="${NAME}.safetensors"]`, "data-state", ["ready", "error"], TIMEOUT_MS);
   assert.equal(await card.getAttribute("data-state"), "ready", await card.innerText());
   assert.match(await card.locator(".rank").innerText(), /^4\b/);
+  assert.match(await card.locator(".embeddings").innerText(), /^sks \(1 vector\)/);
   log("exported and added as a LoRA card");
 
   // Hand-off: the images with their captions and a kohya configuration.
