@@ -96,6 +96,27 @@ fn run(g: &Gpu, t: &mut Trainer, steps: u64) -> Vec<f64> {
     (0..steps).map(|_| block(t.step(g)).unwrap_or_else(|e| panic!("{e}")).loss).collect()
 }
 
+fn export(g: &Gpu, t: &Trainer) -> Vec<u8> {
+    block(t.export(g, &t.training_record(), ExportDtype::F32)).expect("export")
+}
+
+/// Trains `config` (4 training and 3 regularization images) for the first half of an
+/// uninterrupted run's steps (`all`, its losses), saves, and resumes in a new trainer with
+/// gradient checkpointing (which changes memory, not results): the later losses and the
+/// exported tensors must equal the uninterrupted run's (`want`). Returns the checkpoint.
+fn assert_resumes_exactly(g: &Gpu, config: &TrainConfig, flip: bool, all: &[f64], want: &[u8]) -> Vec<u8> {
+    let half = all.len() / 2;
+    let mut first = trainer_with(g, config.clone(), flip, true);
+    assert_eq!(run(g, &mut first, half as u64), all[..half]);
+    let state = block(first.save_state(g)).expect("state");
+    drop(first);
+    let mut second = trainer_with(g, TrainConfig { checkpointing: true, ..config.clone() }, flip, true);
+    second.load_state(g, &state, "half.safetensors").unwrap_or_else(|e| panic!("{e}"));
+    assert_eq!(run(g, &mut second, (all.len() - half) as u64), all[half..], "losses after resuming");
+    assert_eq!(tensors(&export(g, &second)), tensors(want), "the resumed run's LoRA differs from the uninterrupted run's");
+    state
+}
+
 #[test]
 fn train_loop_steps_move_the_adapters() {
     let _s = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
@@ -140,10 +161,9 @@ fn train_loop_resume_equals_the_uninterrupted_run() {
         seed: 3,
         ..TrainConfig::default()
     };
-    let export = |t: &Trainer| block(t.export(g, &t.training_record(), ExportDtype::F32)).expect("export");
     let mut straight = trainer_with(g, config.clone(), true, true);
     let all = run(g, &mut straight, 6);
-    let (want, want_state) = (export(&straight), block(straight.save_state(g)).expect("state"));
+    let (want, want_state) = (export(g, &straight), block(straight.save_state(g)).expect("state"));
     drop(straight);
 
     let mut first = trainer_with(g, config.clone(), true, true);
@@ -156,7 +176,7 @@ fn train_loop_resume_equals_the_uninterrupted_run() {
     assert_eq!(second.steps_done(), 3);
     assert_eq!(run(g, &mut second, 3), all[3..], "losses after resuming");
     // The files differ in `ss_gradient_checkpointing` only: compare the tensors.
-    let got = export(&second);
+    let got = export(g, &second);
     assert_eq!(tensors(&got), tensors(&want), "the resumed run's LoRA differs from the uninterrupted run's");
     assert_eq!(tensors(&block(second.save_state(g)).expect("state")), tensors(&want_state), "optimizer state differs");
 
@@ -244,7 +264,6 @@ fn train_loop_trains_the_text_encoder_and_resumes_exactly() {
         seed: 13,
         ..TrainConfig::default()
     };
-    let export = |t: &Trainer| block(t.export(g, &t.training_record(), ExportDtype::F32)).expect("export");
     let te_values = |t: &Trainer| -> Vec<(String, Vec<f32>)> {
         let p = t.text_encoder_params().expect("text encoder adapters");
         p.trainable().iter().map(|p| (p.name.clone(), block(p.param.to_f32(g)).expect("read"))).collect()
@@ -259,7 +278,7 @@ fn train_loop_trains_the_text_encoder_and_resumes_exactly() {
         assert_ne!(a, b, "{n} did not change");
         assert!(b.iter().all(|v| v.is_finite()), "{n}");
     }
-    let want = export(&straight);
+    let want = export(g, &straight);
     drop(straight);
     let file = SafetensorsFile::open(&want[..], "te.safetensors").expect("export");
     let lora = loralab::lora::read_lora(&file).unwrap_or_else(|e| panic!("{e}"));
@@ -268,14 +287,7 @@ fn train_loop_trains_the_text_encoder_and_resumes_exactly() {
     let m = file.metadata();
     assert_eq!(m.get("ss_text_encoder_lr").map(String::as_str), Some("0.001"));
 
-    let mut first = trainer_with(g, config.clone(), true, true);
-    assert_eq!(run(g, &mut first, 2), all[..2]);
-    let state = block(first.save_state(g)).expect("state");
-    drop(first);
-    let mut second = trainer_with(g, TrainConfig { checkpointing: true, ..config.clone() }, true, true);
-    second.load_state(g, &state, "half.safetensors").unwrap_or_else(|e| panic!("{e}"));
-    assert_eq!(run(g, &mut second, 2), all[2..], "losses after resuming");
-    assert_eq!(tensors(&export(&second)), tensors(&want), "the resumed run's LoRA differs from the uninterrupted run's");
+    let state = assert_resumes_exactly(g, &config, true, &all, &want);
     // A UNet-only run cannot resume a run that trained the text encoder.
     let mut unet_only = trainer_with(g, TrainConfig { te_lr: None, ..config.clone() }, true, true);
     let e = unet_only.load_state(g, &state, "half.safetensors").unwrap_err().to_string();
@@ -306,7 +318,6 @@ fn train_loop_learns_the_trigger_embedding_and_resumes_exactly() {
         seed: 17,
         ..TrainConfig::default()
     };
-    let export = |t: &Trainer| block(t.export(g, &t.training_record(), ExportDtype::F32)).expect("export");
     let mut straight = trainer_with(g, config.clone(), false, true);
     let start = block(straight.trigger_embedding(g)).expect("read").expect("a trigger embedding");
     assert_eq!((start.name.as_str(), start.shape[0]), ("sks", 1), "`sks` is one BPE token");
@@ -322,7 +333,7 @@ fn train_loop_learns_the_trigger_embedding_and_resumes_exactly() {
     let end = block(straight.trigger_embedding(g)).expect("read").expect("a trigger embedding");
     assert_ne!(end.values, start.values, "the trigger's vector did not move");
     assert!(end.values.iter().all(|v| v.is_finite()));
-    let want = export(&straight);
+    let want = export(g, &straight);
     drop(straight);
     let file = SafetensorsFile::open(&want[..], "trig.safetensors").expect("export");
     assert_eq!(file.metadata().get("loralab_trigger_lr").map(String::as_str), Some("0.005"));
@@ -338,15 +349,7 @@ fn train_loop_learns_the_trigger_embedding_and_resumes_exactly() {
     let ti = loralab::model::textual_inversion::read_textual_inversion(&SafetensorsFile::open(&alone[..], "sks.safetensors").expect("file")).expect("embedding");
     assert_eq!((ti.token.as_str(), &ti.vectors), ("sks", &end.values));
 
-    let mut first = trainer_with(g, config.clone(), false, true);
-    assert_eq!(run(g, &mut first, 2), all[..2]);
-    let state = block(first.save_state(g)).expect("state");
-    drop(first);
-    let mut second = trainer_with(g, TrainConfig { checkpointing: true, ..config.clone() }, false, true);
-    second.load_state(g, &state, "half.safetensors").unwrap_or_else(|e| panic!("{e}"));
-    assert_eq!(run(g, &mut second, 2), all[2..], "losses after resuming");
-    assert_eq!(tensors(&export(&second)), tensors(&want), "the resumed run's LoRA differs from the uninterrupted run's");
-    drop(second);
+    let state = assert_resumes_exactly(g, &config, false, &all, &want);
     let mut plain = trainer_with(g, TrainConfig { trigger_lr: None, ..config.clone() }, false, true);
     let e = plain.load_state(g, &state, "half.safetensors").unwrap_err().to_string();
     assert!(e.contains("trigger_lr"), "{e}");

@@ -196,9 +196,7 @@ impl StableDiffusionPipeline {
     /// token already taken (by an embedding loaded on its own, or by an earlier file) is
     /// skipped with a warning.
     fn sync_bundled_embeddings(&mut self, gpu: &Gpu, files: &[Arc<LoraFile>], warnings: &mut Vec<String>) -> Result<()> {
-        for token in std::mem::take(&mut self.adapters.bundled) {
-            self.remove_embedding(gpu, &token)?;
-        }
+        self.remove_bundled_embeddings(gpu)?;
         for f in files {
             for e in &f.embeddings {
                 match self.add_embedding(gpu, e) {
@@ -210,12 +208,18 @@ impl StableDiffusionPipeline {
         Ok(())
     }
 
-    /// Removes every adapter (embeddings stay, except those bundled in the adapter files).
-    pub fn clear_adapters(&mut self, gpu: &Gpu) -> Result<()> {
-        self.not_fused()?;
+    /// Removes the embeddings the adapter files brought.
+    fn remove_bundled_embeddings(&mut self, gpu: &Gpu) -> Result<()> {
         for token in std::mem::take(&mut self.adapters.bundled) {
             self.remove_embedding(gpu, &token)?;
         }
+        Ok(())
+    }
+
+    /// Removes every adapter (embeddings stay, except those bundled in the adapter files).
+    pub fn clear_adapters(&mut self, gpu: &Gpu) -> Result<()> {
+        self.not_fused()?;
+        self.remove_bundled_embeddings(gpu)?;
         self.adapters = AdapterState {
             embedding_rows: std::mem::take(&mut self.adapters.embedding_rows),
             bundled: std::mem::take(&mut self.adapters.bundled),
