@@ -200,7 +200,6 @@ async function main() {
     // also while a command runs.
     window.loralabTest = {
       loseDevice: () => app.engine.worker.postMessage({ id: 0, cmd: "debug_lose_device", args: { allowed: true } }),
-      memoryLimit: (bytes) => app.engine.call("debug_memory_limit", { allowed: true, bytes }),
     };
   }
   app.engine.start();

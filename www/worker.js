@@ -5,7 +5,7 @@
 import load, {
   init, self_test, version, load_model, generate, lora_add, lora_set, lora_remove,
   embedding_add, parameters_read, png_annotate, gpu_memory, merge_outputs, merge_write,
-  device_lost, device_destroy, device_memory_limit, recover,
+  device_lost, device_destroy, recover,
 } from "./loralab-web.js";
 import { trainCommands } from "./train-worker.js";
 import { classroom } from "./loralab-web.js";
@@ -377,14 +377,6 @@ const commands = {
 commands.debug_lose_device = ({ allowed }) => {
   if (allowed !== true) throw userError("debug_lose_device is a test hook");
   device_destroy();
-  return null;
-};
-
-// Caps the engine's GPU memory (bytes; 0 lifts the cap), so the fault tests can run out of
-// memory on demand; same conditions as debug_lose_device.
-commands.debug_memory_limit = ({ allowed, bytes }) => {
-  if (allowed !== true) throw userError("debug_memory_limit is a test hook");
-  device_memory_limit(Number(bytes) || 0);
   return null;
 };
 

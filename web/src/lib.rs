@@ -101,15 +101,6 @@ pub fn device_destroy() {
     }
 }
 
-/// Caps the engine's GPU allocations at `bytes` (0: no cap), as a device with that much memory
-/// would (the page's fault tests use it to run out of memory on demand).
-#[wasm_bindgen]
-pub fn device_memory_limit(bytes: f64) {
-    if let Some(g) = GPU.with_borrow(|g| g.clone()) {
-        g.set_memory_limit((bytes >= 1.0).then_some(bytes as u64));
-    }
-}
-
 /// `performance.now()` in a page or a worker (milliseconds).
 pub(crate) fn now() -> f64 {
     js_sys::Reflect::get(&js_sys::global(), &JsValue::from_str("performance"))

@@ -274,8 +274,6 @@ export async function addLoras(app, files, saved = null) {
         if (kept.te !== 1 || kept.unet !== 1 || !kept.enabled) sendStrengths(app, a, { regenerate: false });
       } else {
         a.key = await saveLora(file, a);
-        // A strength changed while the file was being kept had no key to be recorded under.
-        updateLora(a.key, a);
       }
       app.onAdapters?.();
       app.refreshDevice();
